@@ -1,0 +1,261 @@
+"""`captionjax prepro`: a captioning data set -> vocabulary + record shards.
+
+Two passes. Pass 1 decodes and resizes every image on all cores (a broken
+image is skipped and named, never fatal) into a temporary file. The
+vocabulary is then built from the captions of the training images that were
+kept, and pass 2 writes the records with the encoded captions. The output
+directory is only replaced when everything succeeded, so re-running with the
+same arguments is idempotent.
+"""
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import struct
+import sys
+import tempfile
+import time
+
+from tqdm import tqdm
+
+from captionjax import datasets
+from captionjax import images
+from captionjax import records
+from captionjax import vocab as vocab_lib
+
+SPLIT_SEED = 123  # NeuralTalk2's prepro shuffled with seed 123
+DEFAULT_SHARD_SIZE = 2048  # images per record shard
+_LEN = struct.Struct("<qI")  # item index, byte count
+
+
+def add_arguments(p):
+  src = p.add_argument_group("input (one of)")
+  src.add_argument("--input_json", help="NeuralTalk2 raw JSON: [{file_path, captions, id?}]")
+  p.add_argument("--images_root", default="", help="folder the file paths are relative to")
+  p.add_argument("--output_dir", required=True, help="where vocab, info and shards go")
+  p.add_argument("--num_val", type=int, default=5000,
+                 help="images for validation (when items carry no 'split')")
+  p.add_argument("--num_test", type=int, default=5000,
+                 help="images for test (when items carry no 'split')")
+  p.add_argument("--max_length", type=int, default=16, help="captions are cut at this many words")
+  p.add_argument("--word_count_threshold", type=int, default=5,
+                 help="keep words seen more than this many times, the rest become UNK")
+  p.add_argument("--vocab_from_all_splits", action="store_true",
+                 help="count words in every split's captions (NeuralTalk2), not only train")
+  p.add_argument("--image_size", type=int, default=256, help="images are resized to this square")
+  p.add_argument("--image_format", choices=["jpeg", "png"], default="jpeg",
+                 help="how resized images are stored in the records")
+  p.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard")
+  p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
+                 help="processes that decode images")
+
+
+def load_items(args) -> list[dict]:
+  """The items named by the command-line source flags."""
+  if args.input_json:
+    return datasets.read_raw_json(args.input_json)
+  raise datasets.DataError("no input given: pass --input_json")
+
+
+def run(args) -> int:
+  try:
+    items = load_items(args)
+    info = prepro(
+        items, args.output_dir, images_root=args.images_root,
+        num_val=args.num_val, num_test=args.num_test, max_length=args.max_length,
+        word_count_threshold=args.word_count_threshold,
+        vocab_from_all_splits=args.vocab_from_all_splits,
+        image_size=args.image_size, image_format=args.image_format,
+        shard_size=args.shard_size, num_workers=args.num_workers)
+  except (datasets.DataError, ValueError, OSError) as e:
+    print(f"captionjax prepro: error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps({k: info[k] for k in ("splits", "num_captions", "vocab_size")}))
+  return 0
+
+
+def assign_splits(items: list[dict], num_val: int, num_test: int) -> list[str]:
+  """Each item's split: its own 'split' field, else NeuralTalk2's rule.
+
+  NeuralTalk2 shuffles the images with seed 123; the first `num_val` are val,
+  the next `num_test` test, the rest train.
+  """
+  if all("split" in it for it in items):
+    return [str(it["split"]) for it in items]
+  if any("split" in it for it in items):
+    raise datasets.DataError("some items have a 'split' field and some do not")
+  order = list(range(len(items)))
+  random.Random(SPLIT_SEED).shuffle(order)
+  splits = ["train"] * len(items)
+  for rank, i in enumerate(order):
+    if rank < num_val:
+      splits[i] = "val"
+    elif rank < num_val + num_test:
+      splits[i] = "test"
+  return splits
+
+
+def _process_image(job):
+  """Pass-1 worker: (index, path or bytes) -> (index, encoded or None, reason)."""
+  index, source, size, fmt = job
+  try:
+    img = images.load_image(source, size)
+    return index, images.encode_image(img, fmt), ""
+  except images.ImageError as e:
+    return index, None, str(e)
+
+
+def _token_lists(item: dict) -> list[list[str]]:
+  if item.get("tokens") is not None:
+    return [[str(w).lower() for w in t] for t in item["tokens"]]
+  return [vocab_lib.tokenize(c) for c in item["captions"]]
+
+
+def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
+           num_val: int = 5000, num_test: int = 5000, max_length: int = 16,
+           word_count_threshold: int = 5, vocab_from_all_splits: bool = False,
+           image_size: int = 256, image_format: str = "jpeg",
+           shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 1,
+           progress: bool = True, extra_info: dict | None = None) -> dict:
+  """Preprocesses `items` (see `captionjax.datasets`) into `output_dir`.
+
+  Returns the dataset_info dict that is also written to disk.
+  """
+  if not items:
+    raise datasets.DataError("the data set has no items")
+  if max_length < 1 or image_size < 1 or shard_size < 1:
+    raise ValueError("max_length, image_size and shard_size must be positive")
+  t0 = time.time()
+  splits = assign_splits(items, num_val, num_test)
+  ids = [it.get("id", i) for i, it in enumerate(items)]
+  if len(set(ids)) != len(ids):
+    raise datasets.DataError("image ids are not unique")
+
+  os.makedirs(os.path.dirname(os.path.abspath(output_dir)) or ".", exist_ok=True)
+  work = tempfile.mkdtemp(prefix=".prepro-", dir=os.path.dirname(os.path.abspath(output_dir)))
+  try:
+    # ---- Pass 1: decode, resize and encode every image on all cores.
+    def source(it):
+      if it.get("image_bytes") is not None:
+        return it["image_bytes"]
+      return os.path.join(images_root, it["file_path"])
+
+    jobs = ((i, source(it), image_size, image_format) for i, it in enumerate(items))
+    skipped, kept = [], [False] * len(items)
+    tmp_path = os.path.join(work, "images.bin")
+    with open(tmp_path, "wb") as tmp:
+      if num_workers > 1:
+        pool = multiprocessing.get_context("spawn").Pool(num_workers)
+        results = pool.imap(_process_image, jobs, chunksize=16)
+      else:
+        pool, results = None, map(_process_image, jobs)
+      try:
+        for index, data, reason in tqdm(results, total=len(items), desc="images",
+                                        disable=not progress, unit="img"):
+          if data is None:
+            it = items[index]
+            skipped.append({"file": it.get("file_path", f"item {index}"), "reason": reason})
+            continue
+          kept[index] = True
+          tmp.write(_LEN.pack(index, len(data)))
+          tmp.write(data)
+      finally:
+        if pool is not None:
+          pool.close()
+          pool.join()
+
+    # ---- The vocabulary, from the kept training images' captions.
+    tokens = [_token_lists(it) if kept[i] else [] for i, it in enumerate(items)]
+    vocab_src = (t for i, ts in enumerate(tokens)
+                 if vocab_from_all_splits or splits[i] == "train" for t in ts)
+    vocab = vocab_lib.Vocabulary(vocab_lib.build_vocab(vocab_src, word_count_threshold))
+
+    # ---- Pass 2: write the records, the references and the info.
+    split_names = sorted({s for s, k in zip(splits, kept) if k})
+    counts = {s: sum(1 for sp, k in zip(splits, kept) if k and sp == s) for s in split_names}
+    out = os.path.join(work, "out")
+    os.makedirs(out)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    writers, written, anns = {}, {s: 0 for s in split_names}, {s: ([], []) for s in split_names}
+    n_caps = n_tokens = n_unk = 0
+    length_hist = [0] * (max_length + 1)
+    with open(tmp_path, "rb") as tmp:
+      while True:
+        head = tmp.read(_LEN.size)
+        if not head:
+          break
+        index, n = _LEN.unpack(head)
+        data = tmp.read(n)
+        it, split = items[index], splits[index]
+        shards = -(-counts[split] // shard_size)
+        shard = written[split] // shard_size
+        key = (split, shard)
+        if key not in writers:
+          for k in [k for k in writers if k[0] == split]:
+            writers.pop(k).close()
+          writers[key] = tf.io.TFRecordWriter(os.path.join(out, records.shard_name(split, shard, shards)))
+        caps = [vocab.encode(t, max_length) for t in tokens[index] if t]
+        if not caps:
+          caps = [[]]
+        for c in caps:
+          n_caps += 1
+          n_tokens += len(c)
+          n_unk += sum(1 for w in c if w == vocab.unk_id)
+          length_hist[len(c)] += 1
+        name = it.get("file_path", f"item-{index}")
+        ex = records.make_example(data, ids[index], name, caps, max_length, it.get("objects"))
+        writers[key].write(ex.SerializeToString())
+        written[split] += 1
+        imgs, refs = anns[split]
+        img = {"id": ids[index], "file_name": name}
+        if it.get("objects") is not None:
+          img["objects"] = it["objects"]
+        imgs.append(img)
+        raw = it.get("captions") or [" ".join(t) for t in it.get("tokens") or []]
+        for c in raw:
+          refs.append({"image_id": ids[index], "id": len(refs), "caption": c})
+    for w in writers.values():
+      w.close()
+    for split, (imgs, refs) in anns.items():
+      with open(records.annotations_path(out, split), "w", encoding="utf-8") as f:
+        f.write(json.dumps({"images": imgs, "annotations": refs}, ensure_ascii=False))
+    vocab.save(os.path.join(out, records.VOCAB_FILE))
+    info = {
+        "format_version": records.FORMAT_VERSION,
+        "splits": counts,
+        "num_images": sum(counts.values()),
+        "num_captions": n_caps,
+        "vocab_size": len(vocab),
+        "max_length": max_length,
+        "image_size": image_size,
+        "image_format": image_format,
+        "word_count_threshold": word_count_threshold,
+        "unk_fraction": n_unk / max(n_tokens, 1),
+        "caption_length_histogram": length_hist,
+        "skipped": skipped,
+        "seconds": round(time.time() - t0, 2),
+    }
+    info.update(extra_info or {})
+    with open(os.path.join(out, records.INFO_FILE), "w", encoding="utf-8") as f:
+      json.dump(info, f, ensure_ascii=False, indent=1)
+
+    # ---- Replace the output directory's prepro files in one go.
+    os.makedirs(output_dir, exist_ok=True)
+    for old in os.listdir(output_dir):
+      if old.endswith(".tfrecord") or old.startswith("annotations_") or old in (
+          records.INFO_FILE, records.VOCAB_FILE):
+        os.remove(os.path.join(output_dir, old))
+    for name in os.listdir(out):
+      os.replace(os.path.join(out, name), os.path.join(output_dir, name))
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+  msg = (f"prepro: kept {info['num_images']} of {len(items)} images "
+         f"({', '.join(f'{k} {v}' for k, v in counts.items())}), "
+         f"{n_caps} captions, vocabulary {len(vocab)} words, skipped {len(skipped)}")
+  print(msg, file=sys.stderr)
+  for s in skipped:
+    print(f"  skipped {s['file']}: {s['reason']}", file=sys.stderr)
+  return info
