@@ -1,0 +1,141 @@
+"""`captionjax prepro` on NeuralTalk2's raw format: round trip, skips, vocabulary."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captionjax import cli
+from captionjax import input_pipeline
+from captionjax import records
+from captionjax import vocab as vocab_lib
+
+CAPTIONS = [
+    "A dog runs across the grass.",
+    "A brown dog is running on a lawn!",
+    "Two children play with a red ball.",
+    "A man rides a bicycle down the street.",
+    "A woman, smiling, holds an umbrella.",
+    "The cat sleeps on a sofa.",
+]
+
+
+def _write_images(root, n, size=40):
+  rng = np.random.default_rng(0)
+  paths = []
+  for i in range(n):
+    small = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)  # smooth content
+    arr = np.asarray(Image.fromarray(small).resize((size, size + i), Image.BILINEAR))
+    name = f"img_{i:02d}.jpg" if i % 2 else f"sub/img_{i:02d}.png"
+    os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+    Image.fromarray(arr).save(os.path.join(root, name))
+    paths.append(name)
+  return paths
+
+
+@pytest.fixture
+def raw_set(tmp_path):
+  root = tmp_path / "imgs"
+  paths = _write_images(str(root), 12)
+  # A corrupt image: a truncated JPEG, and a file that is not an image at all.
+  good = (root / paths[1]).read_bytes()
+  (root / "broken.jpg").write_bytes(good[: len(good) // 3])
+  (root / "notes.jpg").write_text("this is not an image")
+  items = [{"file_path": p, "captions": [CAPTIONS[i % 6], CAPTIONS[(i + 1) % 6]], "id": 100 + i}
+           for i, p in enumerate(paths)]
+  items.append({"file_path": "broken.jpg", "captions": ["zebra zebra zebra zebra"], "id": 900})
+  items.append({"file_path": "notes.jpg", "captions": ["giraffe"], "id": 901})
+  items.append({"file_path": "missing.jpg", "captions": ["nothing"], "id": 902})
+  raw = tmp_path / "raw.json"
+  raw.write_text(json.dumps(items))
+  return str(raw), str(root), items
+
+
+def _run_prepro(raw, root, out, *extra):
+  return cli.main(["prepro", f"--input_json={raw}", f"--images_root={root}",
+                   f"--output_dir={out}", "--num_val=2", "--num_test=2", "--max_length=5",
+                   "--word_count_threshold=1", "--image_size=32", "--num_workers=1", *extra])
+
+
+def test_round_trip_with_corrupt_images(raw_set, tmp_path, capsys):
+  raw, root, items = raw_set
+  out = str(tmp_path / "out")
+  assert _run_prepro(raw, root, out) == 0
+  err = capsys.readouterr().err
+  assert "skipped 3" in err and "broken.jpg" in err and "notes.jpg" in err
+  info = records.load_info(out)
+  assert info["splits"] == {"train": 8, "val": 2, "test": 2}
+  assert sorted(s["file"] for s in info["skipped"]) == ["broken.jpg", "missing.jpg", "notes.jpg"]
+  assert all(s["reason"] for s in info["skipped"])
+  vocab = vocab_lib.Vocabulary.load(out)
+  # Skipped images' captions never reach the vocabulary.
+  assert "zebra" not in vocab.words and "giraffe" not in vocab.words
+  assert info["vocab_size"] == len(vocab)
+
+  by_id = {it["id"]: it for it in items}
+  seen = 0
+  for split, n in info["splits"].items():
+    data = input_pipeline.load_split(out, split)
+    assert len(data) == n and data.images.shape[1:] == (32, 32, 3)
+    for i in range(n):
+      item = by_id[int(data.image_id[i])]
+      assert data.file_name[i] == item["file_path"]
+      for c in range(data.num_captions[i]):
+        want = vocab.encode(vocab_lib.tokenize(item["captions"][c]), 5)
+        got = [int(x) for x in data.captions[i, c] if x]
+        assert got == want
+      # Images are the originals resized: compare with PIL's own resize.
+      ref = np.asarray(Image.open(os.path.join(root, item["file_path"])).convert("RGB")
+                       .resize((32, 32), Image.BICUBIC), dtype=np.float32)
+      # Stored as JPEG (the default --image_format): lossy, but close.
+      assert np.abs(data.images[i].astype(np.float32) - ref).mean() < 6
+    seen += n
+  assert seen == 12
+  anns = json.load(open(records.annotations_path(out, "test")))
+  assert {a["image_id"] for a in anns["annotations"]} == {im["id"] for im in anns["images"]}
+
+
+def test_vocab_counts_only_training_captions(tmp_path):
+  root = tmp_path / "imgs"
+  paths = _write_images(str(root), 4)
+  items = [{"file_path": p, "captions": ["common word here", cap], "split": split}
+           for p, cap, split in zip(paths, ["alpha", "beta", "gamma", "delta"],
+                                    ["train", "train", "val", "test"])]
+  raw = tmp_path / "raw.json"
+  raw.write_text(json.dumps(items))
+  out = str(tmp_path / "out")
+  assert _run_prepro(raw, root, out, "--word_count_threshold=0") == 0
+  words = vocab_lib.Vocabulary.load(out).words
+  assert set(words) == {"common", "word", "here", "alpha", "beta", "UNK"}
+  out2 = str(tmp_path / "out2")
+  assert _run_prepro(raw, root, out2, "--word_count_threshold=0", "--vocab_from_all_splits") == 0
+  assert {"gamma", "delta"} <= set(vocab_lib.Vocabulary.load(out2).words)
+
+
+def test_rerun_is_idempotent(raw_set, tmp_path):
+  raw, root, _ = raw_set
+  out = str(tmp_path / "out")
+  assert _run_prepro(raw, root, out) == 0
+  first = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)
+           if f != records.INFO_FILE}
+  assert _run_prepro(raw, root, out) == 0
+  second = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)
+            if f != records.INFO_FILE}
+  assert first == second
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "not valid JSON"),
+    ('{"a": 1}', "expected a JSON list"),
+    ('[{"captions": ["x"]}]', "missing field 'file_path'"),
+    ('[{"file_path": "a.jpg"}]', "missing field 'captions'"),
+    ('[{"file_path": "a.jpg", "captions": [1, 2]}]', "list of strings"),
+])
+def test_bad_input_json_is_one_clear_line(tmp_path, capsys, content, message):
+  raw = tmp_path / "raw.json"
+  raw.write_text(content)
+  assert _run_prepro(raw, tmp_path, str(tmp_path / "out")) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "raw.json" in err[0] and message in err[0]
