@@ -13,6 +13,7 @@ Batch layout (B images, S = seq_per_img captions each, L = max_length + 2):
   mask      float32 [B, S, L]   1 at positions 1..n+1 (the prediction targets)
   image_id  int64   [B]
   index     int64   [B]         position in the split (eval) or the stream
+  row       int64   [B]         the example's row in the split (for side arrays)
   _mask     float32 [B]         evaluation only: 1 for real examples, 0 for padding
 """
 
@@ -211,6 +212,7 @@ def train_dataset(data: SplitData, batch_size: int, seq_per_img: int, seed: int,
     ex = add_start_end(ex)
     ex = crop_flip(ex, crop_size, flip, rng + 7)
     ex["index"] = g
+    ex["row"] = i
     del ex["num_captions"]
     return ex
 
@@ -230,6 +232,7 @@ def eval_batches(data: SplitData, batch_size: int, seq_per_img: int, crop_size: 
     ex = add_start_end(select_captions(get(i), seq_per_img))
     ex = crop_flip(ex, crop_size, False)
     ex["index"] = i
+    ex["row"] = i
     del ex["num_captions"]
     return ex
 

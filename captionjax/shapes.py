@@ -340,3 +340,22 @@ def prepare(root: str, splits: dict | None = None, image_size: int = 64, seed: i
                 extra_info={"name": "shapes", "seed": seed})
   return out
 
+
+
+def object_targets(objects_list: list, grid: int = GRID) -> dict:
+  """Per-cell labels for CNN pretraining, from each image's object list.
+
+  Returns int32 arrays [N, grid, grid]: `shape` (0 = empty cell, 1..6),
+  `color` (0..6) and `size` (0 small, 1 big); color and size are only
+  meaningful where shape > 0.
+  """
+  n = len(objects_list)
+  out = {k: np.zeros((n, grid, grid), np.int32) for k in ("shape", "color", "size")}
+  colors = list(COLORS)
+  for i, objs in enumerate(objects_list):
+    for o in objs or ():
+      r, c = o["row"] * grid // GRID, o["col"] * grid // GRID
+      out["shape"][i, r, c] = SHAPES.index(o["shape"]) + 1
+      out["color"][i, r, c] = colors.index(o["color"])
+      out["size"][i, r, c] = SIZES.index(o["size"])
+  return out

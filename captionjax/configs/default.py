@@ -1,0 +1,82 @@
+"""The embedded default: a captioner trained on the generated shapes set.
+
+    captionjax train --workdir=runs/default
+
+NeuralTalk2's recipe in miniature, sized for a 2-core CPU (about 10 minutes
+with data generation and compilation): the CNN first learns to recognize the
+objects (the data set knows them: shape, color and size per grid cell), is
+then frozen, and the LSTM is trained on its features, computed once per
+image. Measured results are in the README.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # ---- data
+  c.dataset = "shapes"  # "shapes" (generated on first use), or a prepro output directory
+  c.shapes = ml_collections.ConfigDict()
+  c.shapes.image_size = 64  # pixels a side of the generated images
+  c.shapes.seed = 0  # the generator's seed
+  c.shapes.num_train = 8000  # training images
+  c.shapes.num_val = 500  # validation images
+  c.shapes.num_test = 1000  # test images
+  c.shapes.num_novel = 500  # images with held-out (color, shape) pairs
+  c.shapes.cache_dir = ""  # where the set is written ("" = ~/.cache/captionjax)
+  c.blank_images = False  # replace every image by a blank one (an image-blind baseline)
+  c.seq_per_img = 5  # captions per image in a batch (NeuralTalk2's seq_per_img)
+  c.batch_size = 32  # images per batch (all hosts together)
+  c.crop_size = 0  # random crop in training, center crop in evaluation (0 = none)
+  c.flip = False  # random horizontal flips (off: captions say "left" and "right")
+  c.seed = 0  # seeds parameters, data order and dropout
+
+  # ---- model
+  c.model = ml_collections.ConfigDict()
+  c.model.cnn = "small_vgg"  # "small_vgg" or "vgg16"
+  c.model.cnn_kwargs = ml_collections.ConfigDict()
+  c.model.cnn_kwargs.widths = (64, 128, 256)  # conv block widths
+  c.model.cnn_kwargs.pool = "grid"  # grid-pooled features keep where things are
+  c.model.cnn_kwargs.grid = 3  # cells a side of the pooling grid
+  c.model.cnn_kwargs.pool_last = False  # keep the last block's resolution (8x8 at 64 px)
+  c.model.input_encoding_size = 256  # image and word embedding size
+  c.model.rnn_size = 256  # LSTM hidden size
+  c.model.num_layers = 1  # stacked recurrent layers
+  c.model.drop_prob_lm = 0.2  # dropout in the language model
+  c.model.rnn_type = "lstm"  # "lstm" or "rnn"
+
+  # ---- CNN pretraining on the data set's object labels (shapes only; 0 = off)
+  c.cnn_pretrain_steps = 1200  # steps of object recognition before captioning
+  c.cnn_pretrain_learning_rate = 2e-3  # Adam learning rate for that phase
+
+  # ---- caption training
+  c.num_train_steps = 2500  # language-model steps
+  c.cached_features = True  # frozen CNN: compute features once, train only the LM
+  c.finetune_cnn_after = -1  # -1 never, 0 from the start, N after N caption steps
+  c.learning_rate = 2e-3  # Adam learning rate of the language model
+  c.beta1 = 0.8  # Adam beta1 (NeuralTalk2's optim_alpha)
+  c.beta2 = 0.999  # Adam beta2 (NeuralTalk2's optim_beta)
+  c.epsilon = 1e-8  # Adam epsilon
+  c.grad_clip = 0.1  # clip each gradient element to [-c, c] (NeuralTalk2's rule)
+  c.learning_rate_decay_start = 1000  # step where halving starts (-1 = never)
+  c.learning_rate_decay_every = 700  # halve the learning rate every N steps
+  c.cnn_learning_rate = 1e-5  # Adam learning rate of the CNN when fine-tuning
+  c.cnn_weight_decay = 0.0  # L2 weight decay of the CNN when fine-tuning
+  c.cnn_beta1 = 0.8  # Adam beta1 of the CNN
+  c.cnn_beta2 = 0.999  # Adam beta2 of the CNN
+
+  # ---- evaluation and decoding
+  c.beam_size = 2  # beam size for the final test captions (NeuralTalk2's eval default)
+  c.length_penalty = 0.0  # length normalization exponent in beam search (0 = none)
+  c.eval_every_steps = 1000  # validation loss and greedy captions every N steps
+  c.eval_num_images = 500  # validation images captioned and scored at each evaluation
+  c.eval_batch_size = 100  # images per evaluation batch
+  c.test_split = "test"  # split captioned and scored at the end
+  c.extra_test_splits = ("novel",)  # also scored at the end, when the data set has them
+
+  # ---- logging and checkpoints
+  c.log_every_steps = 50  # train_log.jsonl and TensorBoard every N steps
+  c.checkpoint_every_steps = 1000  # orbax checkpoint every N steps
+  c.keep_checkpoints = 2  # latest checkpoints kept
+  return c

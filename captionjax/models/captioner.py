@@ -1,0 +1,101 @@
+"""The captioner: a CNN encoder, NeuralTalk2's image embedding, and the LM.
+
+Dimensions:
+  B  batch of images
+  S  captions per image
+  L  caption buffer length (max_length + 2: START, the words, END)
+  N  decoding batch (images, or images times beams)
+  D  CNN feature size (or the size of the precomputed features)
+  E  input encoding size
+  V  vocabulary size (words 1..V; id 0 is END/START/padding; V+1 classes)
+
+Usage:
+  model = Captioner(vocab_size=V, cnn="small_vgg")
+  variables = model.init(rng, images, captions)
+  logits = model.apply(variables, images, captions, train=True,
+                       rngs={"dropout": rng}, mutable=["batch_stats"])
+  img_emb = model.apply(variables, images, method=Captioner.encode)
+  carry = model.apply(variables, img_emb, method=Captioner.decode_start)
+  carry, logits = model.apply(variables, carry, tokens,
+                              method=Captioner.decode_step)
+
+Rng names: "dropout" (the LM, and VGG16's fc layers). Collections: "params",
+and "batch_stats" with cnn="small_vgg" (mutable when train=True).
+"""
+
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from captionjax.models.lm import LanguageModel
+from captionjax.models.vgg import VGG16, SmallVGG
+
+CNNS = {"vgg16": VGG16, "small_vgg": SmallVGG}
+NO_CNN = "none"  # the inputs are precomputed CNN features [B, D]
+
+
+class Captioner(nn.Module):
+  """CNN -> Dense + ReLU (img_embed) -> LanguageModel, as NeuralTalk2.
+
+  Submodules: `cnn` (absent with cnn="none"), `img_embed`, `lm`.
+  """
+  vocab_size: int  # V
+  cnn: str = "small_vgg"  # "vgg16", "small_vgg" or "none" (cached features)
+  cnn_kwargs: Optional[Mapping[str, Any]] = None  # passed to the CNN module
+  input_encoding_size: int = 512  # E
+  rnn_size: int = 512  # H
+  num_layers: int = 1
+  drop_prob_lm: float = 0.5
+  rnn_type: str = "lstm"
+
+  def setup(self):
+    self.lm = LanguageModel(
+        vocab_size=self.vocab_size,
+        input_encoding_size=self.input_encoding_size,
+        rnn_size=self.rnn_size,
+        num_layers=self.num_layers,
+        drop_prob_lm=self.drop_prob_lm,
+        rnn_type=self.rnn_type)
+
+  @nn.compact
+  def encode(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """Images [B, h, w, 3] (or features [B, D] with cnn="none") -> [B, E].
+
+    The CNN runs once per image; callers tile the result over captions/beams.
+    """
+    x = images
+    if self.cnn != NO_CNN:
+      if self.cnn not in CNNS:
+        raise ValueError(f"cnn must be one of {sorted(CNNS) + [NO_CNN]}, "
+                         f"got {self.cnn!r}")
+      x = CNNS[self.cnn](**dict(self.cnn_kwargs or {}), name="cnn")(
+          x, train=train)  # -> [B, D]
+    if x.ndim != 2:
+      raise ValueError(f"the CNN features must be [B, D], got {x.shape}; "
+                       "pick a pooled output (e.g. VGG16 output='fc7')")
+    return nn.relu(nn.Dense(self.input_encoding_size, name="img_embed")(x))
+
+  def decode_start(self, img_emb: jax.Array, train: bool = False):
+    """img_emb [N, E] -> carry (pytree with leading dimension N)."""
+    return self.lm.start(img_emb, train)
+
+  def decode_step(self, carry, tokens: jax.Array, train: bool = False):
+    """tokens [N] int32 -> (carry, logits [N, V+1])."""
+    return self.lm.step(carry, tokens, train)
+
+  def __call__(self, images: jax.Array, captions: jax.Array,
+               train: bool = False) -> jax.Array:
+    """images [B, ...], captions [B, S, L] int32 -> logits [B, S, L-1, V+1].
+
+    logits[b, s, t] predicts captions[b, s, t+1]: inputs are
+    captions[..., :-1] (START, the words, END, padding), targets
+    captions[..., 1:].
+    """
+    b, s, l = captions.shape
+    img_emb = self.encode(images, train)  # -> [B, E]
+    img_emb = jnp.repeat(img_emb, s, axis=0)  # -> [B*S, E]
+    inputs = captions[..., :-1].reshape(b * s, l - 1)  # -> [B*S, L-1]
+    logits = self.lm(img_emb, inputs, train)  # -> [B*S, L-1, V+1]
+    return logits.reshape(b, s, l - 1, -1)  # -> [B, S, L-1, V+1]
