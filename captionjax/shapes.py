@@ -341,7 +341,6 @@ def prepare(root: str, splits: dict | None = None, image_size: int = 64, seed: i
   return out
 
 
-
 def object_targets(objects_list: list, grid: int = GRID) -> dict:
   """Per-cell labels for CNN pretraining, from each image's object list.
 

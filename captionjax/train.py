@@ -303,14 +303,21 @@ def make_generate(cnn, lm, mode: str, beam_size: int, max_length: int, length_pe
   return generate
 
 
-def compute_features(cnn, params, batch_stats, data, batch_size: int, mesh_put) -> np.ndarray:
-  """The frozen CNN's features of every image of a split: [N, D] float32."""
+def compute_features(cnn, params, batch_stats, splits: dict, batch_size: int,
+                     mesh_put) -> dict:
+  """The frozen CNN's features of every image of each split: name -> [N, D] float32.
+
+  One jitted program serves every split (eval batches are padded to one shape).
+  """
   fn = jax.jit(lambda p, bs, x: cnn.apply(cnn_variables(p, bs), images_to_input(x), train=False))
-  out = []
-  for batch in input_pipeline.eval_batches(data, batch_size, 1):
-    f = fn(params, batch_stats, mesh_put(batch["image"]))
-    out.append(np.asarray(f)[batch["_mask"] > 0])
-  return np.concatenate(out)
+  features = {}
+  for name, data in splits.items():
+    out = []
+    for batch in input_pipeline.eval_batches(data, batch_size, 1):
+      f = fn(params, batch_stats, mesh_put(batch["image"]))
+      out.append(np.asarray(f)[batch["_mask"] > 0])
+    features[name] = np.concatenate(out)
+  return features
 
 
 # ---------------------------------------------------------------- evaluation
@@ -596,10 +603,9 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
     if config.finetune_cnn_after >= 0:
       raise ValueError("cached_features=True freezes the CNN: set finetune_cnn_after=-1")
     t0 = time.time()
-    for name, data in (("train", train_data), ("val", val_data)):
-      if data is not None:
-        features[name] = compute_features(cnn, state["params"]["cnn"], state["batch_stats"],
-                                          data, config.eval_batch_size, mesh_put)
+    splits = {"train": train_data, **({"val": val_data} if val_data is not None else {})}
+    features = compute_features(cnn, state["params"]["cnn"], state["batch_stats"], splits,
+                                config.eval_batch_size, mesh_put)
     say(f"features: {features['train'].shape} computed in {time.time() - t0:.1f}s")
 
   def cap_batch(b):
