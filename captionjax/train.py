@@ -283,18 +283,26 @@ def make_eval_step(cnn, lm, mode: str):
   return step
 
 
-def make_generate(cnn, lm, mode: str, beam_size: int, max_length: int, length_penalty=0.0):
-  """(params, batch_stats, images or features) -> (tokens [B, K, T], scores [B, K])."""
+def make_generate(cnn, lm, mode: str, beam_size: int, max_length: int, length_penalty=0.0,
+                  temperature: float = 0.0):
+  """(params, batch_stats, images or features[, rng]) -> (tokens [B, K, T], scores [B, K]).
+
+  temperature > 0 samples one caption (K = 1) from softmax(logits / temperature)
+  with `rng` instead of the greedy/beam search.
+  """
   from captionjax import decode  # pylint: disable=g-import-not-at-top
   from captionjax.models.captioner import Captioner  # pylint: disable=g-import-not-at-top
 
-  def generate(params, batch_stats, x):
+  def generate(params, batch_stats, x, rng=None):
     feats = x if mode == "features" else cnn.apply(
         cnn_variables(params["cnn"], batch_stats), images_to_input(x), train=False)
     v = {"params": {k: params[k] for k in ("img_embed", "lm")}}
     emb = lm.apply(v, feats, method=Captioner.encode)  # -> [B, E]
     carry = lm.apply(v, emb, method=Captioner.decode_start)
     step_fn = lambda c, t: lm.apply(v, c, t, method=Captioner.decode_step)
+    if temperature > 0:
+      tokens, logprobs = decode.sample(step_fn, carry, rng, max_length, temperature)
+      return tokens[:, None], logprobs[:, None]
     if beam_size == 1:
       tokens, logprobs = decode.greedy(step_fn, carry, max_length)
       return tokens[:, None], logprobs[:, None]
@@ -534,6 +542,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
 
   def save(state, phase):
     ckpt.save(step, state, {"step": step, "phase": phase, "vocab_size": len(vocab),
+                            "image_size": info["image_size"], "max_length": max_length,
                             "data_position": step * local_batch, "config": config.to_dict()})
 
   def run_phase(name, state, step_fn, first, last, batch_fn, eval_fn=None):
