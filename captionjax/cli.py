@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train": ("captionjax.train", "train a captioner (resumes from --workdir)"),
     "caption": ("captionjax.caption", "caption images with a trained checkpoint"),
     "evaluate": ("captionjax.metrics.cli", "score captions as the coco-caption toolkit does"),
+    "perplexity": ("captionjax.perplexity", "perplexity of reference captions under a checkpoint"),
 }
 
 
