@@ -1,11 +1,19 @@
 """`captionjax prepro`: a captioning data set -> vocabulary + record shards.
 
+Inputs (one of; see `captionjax.datasets`):
+  --input_json=raw.json            NeuralTalk2's raw format
+  --karpathy_json=dataset_coco.json  Karpathy's splits (COCO, Flickr8k, Flickr30k)
+  --flickr_token=Flickr8k.token.txt  Flickr's own layout, with its split lists
+  --captions_csv=captions.csv      `image,caption` rows, one per caption
+  --tfds=coco_captions --tfds_data_dir=DIR   a prepared TFDS set, offline
+
 Two passes. Pass 1 decodes and resizes every image on all cores (a broken
 image is skipped and named, never fatal) into a temporary file. The
 vocabulary is then built from the captions of the training images that were
 kept, and pass 2 writes the records with the encoded captions. The output
 directory is only replaced when everything succeeded, so re-running with the
-same arguments is idempotent.
+same arguments is idempotent: the output files are byte for byte the same
+(the time taken is printed, not stored), whatever the number of workers.
 """
 
 import json
@@ -31,8 +39,23 @@ _LEN = struct.Struct("<qI")  # item index, byte count
 
 
 def add_arguments(p):
-  src = p.add_argument_group("input (one of)")
+  src = p.add_argument_group("input (one of)").add_mutually_exclusive_group()
   src.add_argument("--input_json", help="NeuralTalk2 raw JSON: [{file_path, captions, id?}]")
+  src.add_argument("--karpathy_json",
+                   help="Karpathy's split file: dataset_{coco,flickr8k,flickr30k}.json")
+  src.add_argument("--flickr_token",
+                   help="Flickr8k.token.txt or Flickr30k's results_20130124.token "
+                        "(IMAGE.jpg#N<TAB>caption)")
+  src.add_argument("--captions_csv", help="a CSV of image,caption rows, one row per caption")
+  src.add_argument("--tfds", help="a prepared TFDS data set, e.g. coco_captions (read offline)")
+  p.add_argument("--tfds_data_dir", default=None, help="TFDS data directory for --tfds")
+  p.add_argument("--restval", choices=datasets.RESTVAL_CHOICES, default="train",
+                 help="Karpathy/TFDS 'restval' images: fold into train (default), "
+                      "keep as their own split, or drop")
+  for split, name in datasets.FLICKR8K_LISTS.items():
+    p.add_argument(f"--{split}_list", default=None,
+                   help=f"--flickr_token: file of {split} image names "
+                        f"(default: {name} beside the token file)")
   p.add_argument("--images_root", default="", help="folder the file paths are relative to")
   p.add_argument("--output_dir", required=True, help="where vocab, info and shards go")
   p.add_argument("--num_val", type=int, default=5000,
@@ -50,28 +73,63 @@ def add_arguments(p):
   p.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard")
   p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
                  help="processes that decode images")
+  p.add_argument("--max_pixels", type=int, default=images.MAX_PIXELS,
+                 help="images with more pixels are skipped (a decompression-bomb limit)")
+  p.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
-def load_items(args) -> list[dict]:
-  """The items named by the command-line source flags."""
+def load_items(args, notes: list, spill_dir: str) -> tuple[list[dict], dict]:
+  """The items named by the command-line source flags, and a description."""
   if args.input_json:
-    return datasets.read_raw_json(args.input_json)
-  raise datasets.DataError("no input given: pass --input_json")
+    return datasets.read_raw_json(args.input_json), {"input_json": args.input_json}
+  if args.karpathy_json:
+    items = datasets.read_karpathy_json(args.karpathy_json, args.restval, notes)
+    return items, {"karpathy_json": args.karpathy_json, "restval": args.restval}
+  if args.flickr_token:
+    lists = {s: getattr(args, f"{s}_list") for s in datasets.FLICKR8K_LISTS}
+    lists = {s: p for s, p in lists.items() if p} or None
+    items = datasets.read_flickr_token(args.flickr_token, lists, notes)
+    return items, {"flickr_token": args.flickr_token}
+  if args.captions_csv:
+    return datasets.read_captions_csv(args.captions_csv, notes), {
+        "captions_csv": args.captions_csv}
+  if args.tfds:
+    if not args.tfds_data_dir:
+      raise datasets.DataError("--tfds needs --tfds_data_dir (the data is read offline)")
+    items = datasets.read_tfds(args.tfds, args.tfds_data_dir,
+                               os.path.join(spill_dir, "tfds_images.bin"), args.restval,
+                               notes=notes)
+    return items, {"tfds": args.tfds, "restval": args.restval}
+  raise datasets.DataError("no input given: pass one of --input_json, --karpathy_json, "
+                           "--flickr_token, --captions_csv, --tfds")
 
 
 def run(args) -> int:
+  parent = os.path.dirname(os.path.abspath(args.output_dir))
+  spill_dir = None
   try:
-    items = load_items(args)
+    notes = []
+    if args.tfds:
+      os.makedirs(parent, exist_ok=True)
+      spill_dir = tempfile.mkdtemp(prefix=".prepro-tfds-", dir=parent)
+    items, source = load_items(args, notes, spill_dir)
+    for n in notes:
+      print(f"prepro: note: {n}", file=sys.stderr)
     info = prepro(
         items, args.output_dir, images_root=args.images_root,
         num_val=args.num_val, num_test=args.num_test, max_length=args.max_length,
         word_count_threshold=args.word_count_threshold,
         vocab_from_all_splits=args.vocab_from_all_splits,
         image_size=args.image_size, image_format=args.image_format,
-        shard_size=args.shard_size, num_workers=args.num_workers)
+        shard_size=args.shard_size, num_workers=args.num_workers,
+        max_pixels=args.max_pixels, progress=not args.no_progress,
+        extra_info={"source": source, "notes": notes})
   except (datasets.DataError, ValueError, OSError) as e:
     print(f"captionjax prepro: error: {e}", file=sys.stderr)
     return 2
+  finally:
+    if spill_dir:
+      shutil.rmtree(spill_dir, ignore_errors=True)
   print(json.dumps({k: info[k] for k in ("splits", "num_captions", "vocab_size")}))
   return 0
 
@@ -98,13 +156,23 @@ def assign_splits(items: list[dict], num_val: int, num_test: int) -> list[str]:
 
 
 def _process_image(job):
-  """Pass-1 worker: (index, path or bytes) -> (index, encoded or None, reason)."""
-  index, source, size, fmt = job
+  """Pass-1 worker: (index, source, ...) -> (index, encoded or None, reason).
+
+  The source is a path, the image's bytes, or (path, offset, length).
+  """
+  index, source, size, fmt, max_pixels = job
   try:
-    img = images.load_image(source, size)
+    if isinstance(source, tuple):
+      path, offset, length = source
+      with open(path, "rb") as f:
+        f.seek(offset)
+        source = f.read(length)
+    img = images.load_image(source, size, max_pixels=max_pixels)
     return index, images.encode_image(img, fmt), ""
   except images.ImageError as e:
     return index, None, str(e)
+  except OSError as e:
+    return index, None, f"cannot read ({e.strerror or e})"
 
 
 def _token_lists(item: dict) -> list[list[str]]:
@@ -118,7 +186,8 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
            word_count_threshold: int = 5, vocab_from_all_splits: bool = False,
            image_size: int = 256, image_format: str = "jpeg",
            shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 1,
-           progress: bool = True, extra_info: dict | None = None) -> dict:
+           max_pixels: int = images.MAX_PIXELS, progress: bool = True,
+           extra_info: dict | None = None) -> dict:
   """Preprocesses `items` (see `captionjax.datasets`) into `output_dir`.
 
   Returns the dataset_info dict that is also written to disk.
@@ -140,9 +209,12 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
     def source(it):
       if it.get("image_bytes") is not None:
         return it["image_bytes"]
+      if it.get("image_range") is not None:
+        return tuple(it["image_range"])
       return os.path.join(images_root, it["file_path"])
 
-    jobs = ((i, source(it), image_size, image_format) for i, it in enumerate(items))
+    jobs = ((i, source(it), image_size, image_format, max_pixels)
+            for i, it in enumerate(items))
     skipped, kept = [], [False] * len(items)
     tmp_path = os.path.join(work, "images.bin")
     with open(tmp_path, "wb") as tmp:
@@ -181,7 +253,9 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
     writers, written, anns = {}, {s: 0 for s in split_names}, {s: ([], []) for s in split_names}
     n_caps = n_tokens = n_unk = 0
     length_hist = [0] * (max_length + 1)
-    with open(tmp_path, "rb") as tmp:
+    bar = tqdm(total=len(items) - len(skipped), desc="records", disable=not progress,
+               unit="img")
+    with open(tmp_path, "rb") as tmp, bar:
       while True:
         head = tmp.read(_LEN.size)
         if not head:
@@ -208,6 +282,7 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
         ex = records.make_example(data, ids[index], name, caps, max_length, it.get("objects"))
         writers[key].write(ex.SerializeToString())
         written[split] += 1
+        bar.update(1)
         imgs, refs = anns[split]
         img = {"id": ids[index], "file_name": name}
         if it.get("objects") is not None:
@@ -235,7 +310,6 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
         "unk_fraction": n_unk / max(n_tokens, 1),
         "caption_length_histogram": length_hist,
         "skipped": skipped,
-        "seconds": round(time.time() - t0, 2),
     }
     info.update(extra_info or {})
     with open(os.path.join(out, records.INFO_FILE), "w", encoding="utf-8") as f:
@@ -252,9 +326,11 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
   finally:
     shutil.rmtree(work, ignore_errors=True)
 
+  seconds = time.time() - t0
   msg = (f"prepro: kept {info['num_images']} of {len(items)} images "
          f"({', '.join(f'{k} {v}' for k, v in counts.items())}), "
-         f"{n_caps} captions, vocabulary {len(vocab)} words, skipped {len(skipped)}")
+         f"{n_caps} captions, vocabulary {len(vocab)} words, skipped {len(skipped)}, "
+         f"{seconds:.1f} s ({len(items) / max(seconds, 1e-9):.0f} images/s)")
   print(msg, file=sys.stderr)
   for s in skipped:
     print(f"  skipped {s['file']}: {s['reason']}", file=sys.stderr)
