@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "caption": ("captionjax.caption", "caption images with a trained checkpoint"),
     "evaluate": ("captionjax.metrics.cli", "score captions as the coco-caption toolkit does"),
     "perplexity": ("captionjax.perplexity", "perplexity of reference captions under a checkpoint"),
+    "import-weights": ("captionjax.weights", "import pretrained VGG16 weights (Keras HDF5, torchvision)"),
 }
 
 

@@ -23,6 +23,29 @@ VGG16_FC_SIZE = 4096
 IMAGENET_CLASSES = 1000
 VGG16_OUTPUTS = ("conv5", "fc7", "logits")
 
+# The input normalizations pretrained VGG16 weights expect, applied by the
+# model to RGB inputs in [0, 1] (see VGG16.preprocess):
+#   "caffe": Keras's and Caffe's VGG16 (`keras.applications.vgg16.
+#     preprocess_input`): RGB -> BGR, scaled to 0..255, minus the ImageNet
+#     mean pixel CAFFE_MEAN_BGR;
+#   "torch": torchvision's: (x - TORCH_MEAN) / TORCH_STD, RGB, per channel;
+#   "none": the input is used as it is.
+VGG16_PREPROCESS = ("none", "caffe", "torch")
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+TORCH_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_input(x: jax.Array, preprocess: str) -> jax.Array:
+  """RGB [B, h, w, 3] in [0, 1] -> the input `preprocess` weights expect."""
+  if preprocess == "none":
+    return x
+  if preprocess == "caffe":
+    return x[..., ::-1] * 255.0 - jnp.asarray(CAFFE_MEAN_BGR, x.dtype)
+  if preprocess == "torch":
+    return (x - jnp.asarray(TORCH_MEAN, x.dtype)) / jnp.asarray(TORCH_STD, x.dtype)
+  raise ValueError(f"preprocess must be one of {VGG16_PREPROCESS}, got {preprocess!r}")
+
 
 def _max_pool(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (2, 2), strides=(2, 2))  # -> [B, h/2, w/2, C]
@@ -36,7 +59,10 @@ class VGG16(nn.Module):
   'predictions' (only with output="logits")}. The flatten before fc1 is in
   NHWC order, as Keras's `Flatten` on channels-last maps.
 
-  Input: [B, 224, 224, 3] float32, already normalized as the weights expect.
+  Input: [B, 224, 224, 3] float32: RGB in [0, 1] when `preprocess` is
+  "caffe" or "torch" (the model then normalizes it as the imported weights
+  expect: see VGG16_PREPROCESS); already normalized with "none".
+  Other sizes work for "conv5" (and for fc7 when fc1 matches h/32*w/32*512).
   Output, by `output`:
     "conv5":  [B, 7, 7, 512] after pool5;
     "fc7":    [B, 4096] after fc2's ReLU (and dropout when training);
@@ -48,11 +74,17 @@ class VGG16(nn.Module):
   # `jax.lax.map`, sharing the parameters); reported faster on CPU at batch 8.
   # Same results as the batched path.
   conv_per_image: bool = False
+  # How the input is normalized before the first convolution: "none",
+  # "caffe" or "torch" (set from imported weights: captionjax.weights).
+  preprocess: str = "none"
 
   def setup(self):
     if self.output not in VGG16_OUTPUTS:
       raise ValueError(f"output must be one of {VGG16_OUTPUTS}, "
                        f"got {self.output!r}")
+    if self.preprocess not in VGG16_PREPROCESS:
+      raise ValueError(f"preprocess must be one of {VGG16_PREPROCESS}, "
+                       f"got {self.preprocess!r}")
     convs = []
     for block, widths in enumerate(VGG16_BLOCKS, start=1):
       for i, width in enumerate(widths, start=1):
@@ -79,6 +111,7 @@ class VGG16(nn.Module):
     return x
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = normalize_input(x, self.preprocess)  # -> [B, 224, 224, 3]
     if self.conv_per_image:
       def one_image(module, carry, image):  # image: [224, 224, 3]
         return carry, module.conv_features(image[None])[0]
