@@ -28,6 +28,17 @@ class ImageError(ValueError):
   """An image that cannot be used; str(e) is a one-line reason."""
 
 
+# File signatures, to tell a damaged image from a file that is no image.
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"),
+               (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"))
+
+
+def _signature(head: bytes) -> str | None:
+  if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+    return "WebP"
+  return next((name for sig, name in _SIGNATURES if head.startswith(sig)), None)
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
   """Any PIL mode -> 8-bit RGB."""
   if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -66,7 +77,7 @@ def load_image(source, size: int | tuple[int, int] | None = None,
   Raises:
     ImageError: the file is missing, empty, truncated, not an image or too big.
   """
-  name = source if isinstance(source, (str, os.PathLike)) else "<bytes>"
+  head = b""
   try:
     if isinstance(source, (bytes, bytearray)):
       if not source:
@@ -78,6 +89,8 @@ def load_image(source, size: int | tuple[int, int] | None = None,
       f = open(source, "rb")
     with f, warnings.catch_warnings():
       warnings.simplefilter("ignore")
+      head = f.read(16)
+      f.seek(0)
       im = Image.open(f)
       w, h = im.size
       if w * h > max_pixels:
@@ -100,14 +113,20 @@ def load_image(source, size: int | tuple[int, int] | None = None,
     raise
   except FileNotFoundError:
     raise ImageError("file not found") from None
+  except IsADirectoryError:
+    raise ImageError("is a directory, not an image file") from None
+  except PermissionError:
+    raise ImageError("permission denied") from None
   except Image.UnidentifiedImageError:
+    kind = _signature(head)
+    if kind:
+      raise ImageError(f"corrupt or truncated {kind} (its header cannot be read)") from None
     raise ImageError("not an image (unrecognized format)") from None
   except (OSError, ValueError, SyntaxError, EOFError) as e:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise ImageError(f"corrupt or truncated image ({msg})") from None
   except Exception as e:  # PIL raises a zoo of errors on hostile input
     raise ImageError(f"cannot decode image ({type(e).__name__}: {e})") from None
-  del name
 
 
 def encode_image(image: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> bytes:
