@@ -12,7 +12,7 @@ ids only, never from input file names.
 import html
 import io
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
@@ -84,7 +84,10 @@ def render(results: Sequence[dict], failures: Sequence[Tuple[str, str]] = (),
     if iid in have:
       out.append(f'<img src="{_e(thumb_name(iid))}" alt="{_e(r["caption"])}" loading="lazy">')
     out.append("<figcaption>")
-    out.append(f'<p class="caption">{_e(r["caption"])}</p>')
+    if r["caption"]:
+      out.append(f'<p class="caption">{_e(r["caption"])}</p>')
+    else:  # the model ended the caption at once
+      out.append('<p class="caption empty"><i>(empty caption)</i></p>')
     out.append(f'<p class="meta"><span class="file">{_e(r["file_name"])}</span> '
                f'<span class="logprob">logprob {float(r["logprob"]):.3f}</span></p>')
     if len(r.get("n_best", ())) > 1:
@@ -126,8 +129,3 @@ def write_gallery(out_dir: str, results: Sequence[dict],
   with open(path, "w", encoding="utf-8") as f:
     f.write(render(results, failures, title, summary, list(thumbnails)))
   return path
-
-
-def failures_of(items: List[dict]) -> List[Tuple[str, str]]:
-  """[(file_name, error)] of result-like dicts that carry an "error"."""
-  return [(x["file_name"], x["error"]) for x in items if x.get("error")]

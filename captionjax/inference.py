@@ -168,19 +168,40 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> Model:
 
 def random_model(config, vocab: vocab_lib.Vocabulary, image_size: int, max_length: int,
                  seed: int = 0) -> Model:
-  """A model with freshly initialized (random) weights: benchmarks and tests."""
+  """A model with random weights (benchmarks and tests).
+
+  The parameter shapes come from `jax.eval_shape` of the modules' init and the
+  values from numpy (fan-in scaled normal kernels, zero biases, unit scales
+  and variances), so that nothing is compiled: flax's own init of VGG16
+  compiles for minutes on a busy CPU.
+  """
   from captionjax import train  # pylint: disable=g-import-not-at-top
   cnn, lm, _ = train.make_models(config, len(vocab))
   size = config.crop_size or image_size
-  rng_cnn, rng_lm = jax.random.split(jax.random.PRNGKey(seed))
-  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-  cnn_vars = jax.jit(lambda r: cnn.init({"params": r, "dropout": r}, dummy, train=False))(rng_cnn)
-  feat_dim = jax.eval_shape(lambda v: cnn.apply(v, dummy), cnn_vars).shape[-1]
-  lm_vars = lm.init(rng_lm, jnp.zeros((1, feat_dim)),
-                    jnp.zeros((1, 1, max_length + 2), jnp.int32))
-  params = jax.device_get({"cnn": cnn_vars["params"], **lm_vars["params"]})
-  return Model(config=config, vocab=vocab, cnn=cnn, lm=lm, params=params,
-               batch_stats=jax.device_get(cnn_vars.get("batch_stats", {})),
+  rng = jax.random.PRNGKey(0)
+  dummy = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  cnn_shapes = jax.eval_shape(
+      lambda x: cnn.init({"params": rng, "dropout": rng}, x, train=False), dummy)
+  feats = jax.eval_shape(lambda v, x: cnn.apply(v, x), cnn_shapes, dummy)
+  lm_shapes = jax.eval_shape(lambda f: lm.init(rng, f, jnp.zeros((1, 1, max_length + 2), jnp.int32)),
+                             jax.ShapeDtypeStruct(feats.shape, jnp.float32))
+  np_rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    shape = leaf.shape
+    if name in ("bias", "mean"):
+      return np.zeros(shape, np.float32)
+    if name in ("scale", "var"):
+      return np.ones(shape, np.float32)
+    fan_in = shape[-1] if name == "embedding" else int(np.prod(shape[:-1]))
+    return (np_rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))).astype(np.float32)
+
+  cnn_vars = jax.tree_util.tree_map_with_path(fill, cnn_shapes)
+  lm_vars = jax.tree_util.tree_map_with_path(fill, lm_shapes)
+  return Model(config=config, vocab=vocab, cnn=cnn, lm=lm,
+               params={"cnn": cnn_vars["params"], **lm_vars["params"]},
+               batch_stats=cnn_vars.get("batch_stats", {}),
                image_size=image_size, input_size=size, max_length=max_length)
 
 
@@ -220,9 +241,10 @@ class BatchCaptioner:
     self._batch_stats = jax.device_put(model.batch_stats)
 
   def compile(self) -> None:
-    """Compiles now (else the first call does)."""
+    """Compiles now (else the first call does); the sampling seed stream is untouched."""
     s = self.model.input_size
-    self(np.zeros((1, s, s, 3), np.uint8))
+    images = np.zeros((self.batch_size, s, s, 3), np.uint8)
+    jax.block_until_ready(self._fn(self._params, self._batch_stats, images, self._rng))
 
   def raw(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """uint8 [n, S, S, 3], n <= B -> (tokens [n, K, T], scores [n, K]) as numpy."""
