@@ -68,6 +68,15 @@ def load_image(source, size: int | tuple[int, int] | None = None,
                max_pixels: int = MAX_PIXELS) -> np.ndarray:
   """Decodes an image file or bytes to uint8 RGB `[H, W, 3]`.
 
+  As `load_pil`, as an array.
+  """
+  return np.asarray(load_pil(source, size, max_pixels), dtype=np.uint8)
+
+
+def load_pil(source, size: int | tuple[int, int] | None = None,
+             max_pixels: int = MAX_PIXELS) -> Image.Image:
+  """Decodes an image file or bytes to an RGB PIL image.
+
   Args:
     source: a path or the file's bytes.
     size: if given, the output is resized (bicubic, aspect ratio not kept, as
@@ -102,13 +111,13 @@ def load_image(source, size: int | tuple[int, int] | None = None,
         side = size if isinstance(size, int) else max(size)  # EXIF may swap w and h
         im.draft("RGB", (side, side))  # decode at a reduced scale: much faster
       im.load()
-      im = ImageOps.exif_transpose(im) or im
+      ImageOps.exif_transpose(im, in_place=True)  # in place: no copy when upright
       im = _to_rgb(im)
       if size is not None:
         hw = (size, size) if isinstance(size, int) else tuple(size)
         if im.size != (hw[1], hw[0]):
           im = im.resize((hw[1], hw[0]), Image.BICUBIC)
-      return np.asarray(im, dtype=np.uint8)
+      return im
   except ImageError:
     raise
   except FileNotFoundError:
@@ -129,13 +138,14 @@ def load_image(source, size: int | tuple[int, int] | None = None,
     raise ImageError(f"cannot decode image ({type(e).__name__}: {e})") from None
 
 
-def encode_image(image: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> bytes:
-  """uint8 [H, W, 3] -> JPEG or PNG bytes."""
+def encode_image(image, fmt: str = "jpeg", quality: int = 95) -> bytes:
+  """uint8 [H, W, 3] (or an RGB PIL image) -> JPEG or PNG bytes."""
   buf = io.BytesIO()
+  im = image if isinstance(image, Image.Image) else Image.fromarray(image)
   if fmt == "jpeg":
-    Image.fromarray(image).save(buf, "JPEG", quality=quality)
+    im.save(buf, "JPEG", quality=quality)
   elif fmt == "png":
-    Image.fromarray(image).save(buf, "PNG", compress_level=1)
+    im.save(buf, "PNG", compress_level=1)
   else:
     raise ValueError(f"unknown image format {fmt!r} (jpeg or png)")
   return buf.getvalue()

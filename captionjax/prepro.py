@@ -167,7 +167,7 @@ def _process_image(job):
       with open(path, "rb") as f:
         f.seek(offset)
         source = f.read(length)
-    img = images.load_image(source, size, max_pixels=max_pixels)
+    img = images.load_pil(source, size, max_pixels=max_pixels)
     return index, images.encode_image(img, fmt), ""
   except images.ImageError as e:
     return index, None, str(e)
@@ -235,7 +235,7 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
           tmp.write(data)
       finally:
         if pool is not None:
-          pool.close()
+          pool.terminate()  # every result is in (or we are failing): no need to wait
           pool.join()
 
     # ---- The vocabulary, from the kept training images' captions.
