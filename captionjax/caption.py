@@ -204,7 +204,6 @@ def run_images(args) -> int:
   """Captions a file or folder; returns the exit status."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from captionjax import gallery  # pylint: disable=g-import-not-at-top
-  from captionjax import images as images_lib  # pylint: disable=g-import-not-at-top
   from captionjax import inference  # pylint: disable=g-import-not-at-top
 
   paths, ignored = list_images(args.images, args.recursive)
@@ -237,7 +236,7 @@ def run_images(args) -> int:
     image, _ = base_load(path)
     if not keep_images:
       return image, None
-    return image, gallery.thumbnail(images_lib.load_image(path))
+    return image, gallery.thumbnail_file(path)
 
   records, failures, thumbs = [], [], {}
   t0 = time.time()

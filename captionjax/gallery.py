@@ -54,6 +54,25 @@ def thumbnail(image: np.ndarray, max_side: int = THUMB_SIZE, quality: int = 85) 
   return buf.getvalue()
 
 
+def thumbnail_file(path: str, max_side: int = THUMB_SIZE) -> bytes:
+  """A file's thumbnail (JPEG bytes), decoded at reduced scale where the format allows.
+
+  Raises images.ImageError as images.load_image does.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from captionjax import images  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as im:
+      w, h = im.size
+      if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF says: rotated by 90 degrees
+        w, h = h, w
+  except Exception:  # pylint: disable=broad-except
+    return thumbnail(images.load_image(path), max_side)  # let load_image name the problem
+  scale = min(1.0, max_side / max(w, h, 1))
+  size = (max(1, round(h * scale)), max(1, round(w * scale)))
+  return thumbnail(images.load_image(path, size=size), max_side)
+
+
 def thumb_name(image_id) -> str:
   return f"{THUMB_DIR}/{int(image_id):06d}.jpg"
 
@@ -93,7 +112,8 @@ def render(results: Sequence[dict], failures: Sequence[Tuple[str, str]] = (),
     if len(r.get("n_best", ())) > 1:
       out.append('<ol class="nbest">')
       for alt in r["n_best"]:
-        out.append(f'<li><span class="caption">{_e(alt["caption"])}</span> '
+        text = _e(alt["caption"]) if alt["caption"] else "<i>(empty caption)</i>"
+        out.append(f'<li><span class="caption">{text}</span> '
                    f'<span class="logprob">{float(alt["logprob"]):.3f}</span></li>')
       out.append("</ol>")
     out.append("</figcaption>")
