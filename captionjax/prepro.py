@@ -16,6 +16,7 @@ same arguments is idempotent: the output files are byte for byte the same
 (the time taken is printed, not stored), whatever the number of workers.
 """
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -76,6 +77,8 @@ def add_arguments(p):
   p.add_argument("--max_pixels", type=int, default=images.MAX_PIXELS,
                  help="images with more pixels are skipped (a decompression-bomb limit)")
   p.add_argument("--no_progress", action="store_true", help="no progress bars")
+  p.add_argument("--force", action="store_true",
+                 help="redo the work even when OUTPUT_DIR is up to date")
 
 
 def load_items(args, notes: list, spill_dir: str) -> tuple[list[dict], dict]:
@@ -123,7 +126,7 @@ def run(args) -> int:
         image_size=args.image_size, image_format=args.image_format,
         shard_size=args.shard_size, num_workers=args.num_workers,
         max_pixels=args.max_pixels, progress=not args.no_progress,
-        extra_info={"source": source, "notes": notes})
+        extra_info={"source": source, "notes": notes}, force=args.force)
   except (datasets.DataError, ValueError, OSError) as e:
     print(f"captionjax prepro: error: {e}", file=sys.stderr)
     return 2
@@ -175,6 +178,48 @@ def _process_image(job):
     return index, None, f"cannot read ({e.strerror or e})"
 
 
+def fingerprint(items: list[dict], settings: dict, images_root: str) -> str | None:
+  """A hash of everything the output depends on, or None when it can't be had.
+
+  It covers the items (paths, captions, tokens, ids, splits, objects), the
+  settings and each image file's size and modification time. Items whose
+  image comes as bytes or a byte range (TFDS) have no stable file: None.
+  """
+  h = hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode())
+  for it in items:
+    if it.get("image_bytes") is not None or it.get("image_range") is not None:
+      return None
+    try:
+      st = os.stat(os.path.join(images_root, it["file_path"]))
+      stamp = [st.st_size, st.st_mtime_ns]
+    except OSError as e:
+      stamp = [type(e).__name__]
+    rec = [it["file_path"], it.get("captions"), it.get("tokens"), it.get("id"),
+           it.get("split"), it.get("objects"), stamp]
+    h.update(json.dumps(rec, ensure_ascii=False).encode())
+    h.update(b"\0")
+  return h.hexdigest()
+
+
+def _up_to_date(output_dir: str, fp: str | None) -> dict | None:
+  """The existing output's info when it was made from the same fingerprint."""
+  if fp is None:
+    return None
+  try:
+    info = records.load_info(output_dir)
+  except (OSError, ValueError):
+    return None
+  if info.get("fingerprint") != fp:
+    return None
+  for split in info.get("splits", {}):
+    if not records.split_files(output_dir, split) or not os.path.exists(
+        records.annotations_path(output_dir, split)):
+      return None
+  if not os.path.exists(os.path.join(output_dir, records.VOCAB_FILE)):
+    return None
+  return info
+
+
 def _token_lists(item: dict) -> list[list[str]]:
   if item.get("tokens") is not None:
     return [[str(w).lower() for w in t] for t in item["tokens"]]
@@ -187,8 +232,11 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
            image_size: int = 256, image_format: str = "jpeg",
            shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 1,
            max_pixels: int = images.MAX_PIXELS, progress: bool = True,
-           extra_info: dict | None = None) -> dict:
+           extra_info: dict | None = None, force: bool = False) -> dict:
   """Preprocesses `items` (see `captionjax.datasets`) into `output_dir`.
+
+  When `output_dir` already holds the output of the same items, image files
+  and settings (see `fingerprint`), nothing is redone unless `force`.
 
   Returns the dataset_info dict that is also written to disk.
   """
@@ -200,7 +248,25 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
   splits = assign_splits(items, num_val, num_test)
   ids = [it.get("id", i) for i, it in enumerate(items)]
   if len(set(ids)) != len(ids):
-    raise datasets.DataError("image ids are not unique")
+    first = {}
+    for i, image_id in enumerate(ids):
+      if image_id in first:
+        a, b = (items[j].get("file_path", f"item {j}") for j in (first[image_id], i))
+        raise datasets.DataError(f"image id {image_id} is used twice ({a} and {b})")
+      first[image_id] = i
+  settings = {
+      "format_version": records.FORMAT_VERSION, "images_root": images_root,
+      "num_val": num_val, "num_test": num_test, "max_length": max_length,
+      "word_count_threshold": word_count_threshold,
+      "vocab_from_all_splits": vocab_from_all_splits, "image_size": image_size,
+      "image_format": image_format, "shard_size": shard_size, "max_pixels": max_pixels,
+      "extra_info": extra_info or {}}
+  fp = fingerprint(items, settings, images_root)
+  old = None if force else _up_to_date(output_dir, fp)
+  if old is not None:
+    print(f"prepro: {output_dir} is up to date (same inputs, image files and settings); "
+          f"nothing to do (--force redoes it)", file=sys.stderr)
+    return old
 
   os.makedirs(os.path.dirname(os.path.abspath(output_dir)) or ".", exist_ok=True)
   work = tempfile.mkdtemp(prefix=".prepro-", dir=os.path.dirname(os.path.abspath(output_dir)))
@@ -312,6 +378,8 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
         "skipped": skipped,
     }
     info.update(extra_info or {})
+    if fp is not None:
+      info["fingerprint"] = fp
     with open(os.path.join(out, records.INFO_FILE), "w", encoding="utf-8") as f:
       json.dump(info, f, ensure_ascii=False, indent=1)
 

@@ -447,10 +447,34 @@ def test_rerun_and_worker_count_give_identical_output(tmp_path):
   for k, workers in enumerate([2, 1, 1]):
     out = str(tmp_path / ("a" if k else "b"))
     assert _prepro(f"--flickr_token={token}", f"--images_root={img_dir}", "--shard_size=2",
-                   out=out, workers=workers) == 0
+                   "--force", out=out, workers=workers) == 0
     outs.append({f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))})
   assert "train-00001-of-00002.tfrecord" in outs[0]
   assert outs[0] == outs[1] == outs[2]  # 2 workers == 1 worker; a re-run changes nothing
+
+
+def test_rerun_when_up_to_date_does_nothing_until_an_input_changes(tmp_path, capsys):
+  token, img_dir, names = _flickr_set(tmp_path)
+  out = str(tmp_path / "out")
+  args = (f"--flickr_token={token}", f"--images_root={img_dir}")
+  assert _prepro(*args, out=out) == 0
+  shard = records.split_files(out, "val")[0]
+  before = open(shard, "rb").read()
+  os.utime(shard, ns=(1, 1))
+  capsys.readouterr()
+  assert _prepro(*args, out=out) == 0
+  assert "is up to date" in capsys.readouterr().err
+  assert os.stat(shard).st_mtime_ns == 1  # not rewritten
+  # A changed setting, a changed image or --force: done again.
+  assert _prepro(*args, "--force", out=out) == 0
+  assert os.stat(shard).st_mtime_ns != 1 and open(shard, "rb").read() == before
+  _write_image(os.path.join(img_dir, names[4]), 99)  # the val image's pixels change
+  assert _prepro(*args, out=out) == 0
+  assert "is up to date" not in capsys.readouterr().err
+  assert open(shard, "rb").read() != before
+  os.remove(records.split_files(out, "test")[0])  # an incomplete output is redone
+  assert _prepro(*args, out=out) == 0
+  assert records.split_files(out, "test")
 
 
 def test_karpathy_layout_trains_end_to_end(tmp_path):

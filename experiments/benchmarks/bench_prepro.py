@@ -7,8 +7,9 @@ Generates `--images` photo-like JPEGs (smooth shapes plus texture, about the
 size and file weight of COCO's), then times on those same files, interleaved,
 a median of `--repeats` runs after one warm-up each:
 
-  prepro      `captionjax.prepro.prepro` in this process: decode, resize,
-              re-encode (JPEG q95), vocabulary, TFRecord shards, references;
+  prepro      `captionjax.prepro.prepro` in this process (force=True: no
+              up-to-date shortcut): decode, resize, re-encode (JPEG q95),
+              vocabulary, TFRecord shards, references;
   bare        a `multiprocessing` pool of `--workers` processes doing only
               `Image.open(p).convert("RGB").resize((S, S), BICUBIC)`;
   bare+draft  the same with JPEG draft (DCT-domain) downscaling, the fastest
@@ -81,7 +82,7 @@ def run_bare(fn, paths, size, workers):
 def run_prepro(items, root, out, size, workers):
   prepro.prepro(items, out, images_root=root, num_val=len(items) // 10,
                 num_test=len(items) // 10, word_count_threshold=0, image_size=size,
-                num_workers=workers, progress=False)
+                num_workers=workers, progress=False, force=True)
 
 
 def main():
@@ -136,7 +137,7 @@ def main():
                       f"--output_dir={cli_out}", f"--num_workers={args.workers}",
                       f"--image_size={args.image_size}", "--word_count_threshold=0",
                       f"--num_val={len(items) // 10}", f"--num_test={len(items) // 10}",
-                      "--no_progress"], check=True, capture_output=True)
+                      "--no_progress", "--force"], check=True, capture_output=True)
       dt = time.perf_counter() - t
       result["cli_s"] = round(dt, 2)
       result["cli_images_per_s"] = round(len(paths) / dt, 1)
