@@ -19,6 +19,7 @@ D CNN feature size, V vocabulary size, G grid cells a side.
 import functools
 import json
 import os
+import signal
 import sys
 import time
 
@@ -26,13 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from captionjax import checkpoints as ckpt_lib
 from captionjax import configs
 from captionjax import input_pipeline
+from captionjax import monitor
 from captionjax import records
 from captionjax import vocab as vocab_lib
 
 ALLOW_EXTRA_ARGS = True  # --config.FIELD=VALUE overrides
-LOG_FILE = "train_log.jsonl"
+LOG_FILE = monitor.LOG_FILE
+DIVERGENCE_FACTOR = 20.0  # stop when the loss exceeds this x the first loss (NeuralTalk2)
 PHASE_PRETRAIN, PHASE_CAPTION = "cnn_pretrain", "caption"
 
 
@@ -42,6 +46,9 @@ def add_arguments(p):
   p.add_argument("--config", default="default",
                  help="a config name in captionjax/configs or a config file path")
   p.add_argument("--no_progress", action="store_true", help="no progress bars")
+  p.add_argument("--start_from", default="",
+                 help="initialize the model from another run's latest checkpoint "
+                      "(NeuralTalk2's -start_from), e.g. to go on with CNN fine-tuning")
 
 
 def run(args) -> int:
@@ -56,12 +63,33 @@ def run(args) -> int:
   except configs.ConfigError as e:
     print(f"captionjax train: error: {e}", file=sys.stderr)
     return 2
+  error = lambda msg: print(f"captionjax train: error: {msg}", file=sys.stderr, flush=True)
   try:
-    train_and_evaluate(config, args.workdir, progress=not args.no_progress)
-  except (FileNotFoundError, ValueError, PermissionError) as e:
-    print(f"captionjax train: error: {e}", file=sys.stderr)
+    train_and_evaluate(config, args.workdir, progress=not args.no_progress,
+                       start_from=args.start_from or None)
+  except ckpt_lib.Preempted as e:
+    print(f"captionjax train: {e}", file=sys.stderr, flush=True)
+    return 128 + e.signum
+  except monitor.Diverged as e:
+    error(e)
+    return 1
+  except OSError as e:  # unwritable or full workdir, missing files
+    error(_os_error_message(e, args.workdir))
+    return 1
+  except ValueError as e:  # bad config values, incompatible checkpoints, bad data
+    error(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     return 1
   return 0
+
+
+def _os_error_message(e: OSError, workdir: str) -> str:
+  """One line for an OSError, naming the file (or the workdir when it has none)."""
+  import errno  # pylint: disable=g-import-not-at-top
+  if e.filename is None and e.strerror is None:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  name = e.filename if e.filename is not None else workdir
+  hint = " (free some space, or use another --workdir)" if e.errno == errno.ENOSPC else ""
+  return f"{name}: {e.strerror or e}{hint}"
 
 
 # ---------------------------------------------------------------- data
@@ -386,86 +414,119 @@ def human_ceiling(refs: dict, image_ids) -> dict:
 # ---------------------------------------------------------------- checkpoints
 
 
-class Checkpointer:
-  """Orbax checkpoints under WORKDIR/checkpoints/<step>/ with a JSON `meta` item."""
-
-  def __init__(self, workdir: str, keep: int):
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    self._ocp = ocp
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "meta"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-  def latest_step(self):
-    return self.manager.latest_step()
-
-  def save(self, step: int, state, meta: dict) -> None:
-    ocp = self._ocp
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-
-  def restore_meta(self, step: int) -> dict:
-    ocp = self._ocp
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-  def restore(self, step: int, target):
-    ocp = self._ocp
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    return self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
-
-  def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+Checkpointer = ckpt_lib.Checkpointer  # moved to captionjax/checkpoints.py
 
 
 # ---------------------------------------------------------------- the loop
 
 
-class Logger:
-  """train_log.jsonl, TensorBoard scalars and text, and stdout lines."""
+Logger = monitor.Logger  # moved to captionjax/monitor.py
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOG_FILE)
+
+def train_and_evaluate(config, workdir: str, progress: bool = True,
+                       start_from: str | None = None) -> dict:
+  """Trains (resuming from `workdir`), then captions and scores the test split.
+
+  `start_from`: another run's workdir whose latest checkpoint initializes the
+  model (not the optimizer or the step) when `workdir` has no checkpoint yet.
+  Raises OSError (workdir), ValueError (config, data, checkpoints),
+  monitor.Diverged and checkpoints.Preempted (SIGTERM/SIGINT, after saving).
+  """
+  t_start = time.time()
+  say = lambda msg: print(msg, file=sys.stderr, flush=True)
+  check_workdir(workdir)
+  ckpt = Checkpointer(workdir, config.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:  # said first, before the slow parts
+    say(f"resuming from step {latest}: {ckpt.path(latest)}")
+  try:
+    with ckpt_lib.StopOnSignal() as stop:  # SIGTERM/SIGINT: checkpoint and stop
+      return _train_and_evaluate(config, workdir, progress, start_from, ckpt, latest, stop,
+                                 t_start, say)
+  except ckpt_lib.Preempted as e:
+    if e.saved:
+      raise
+    # Outside the training loop (startup, evaluation, final captioning): stop at once.
+    last = ckpt.latest_step()
+    raise ckpt_lib.Preempted(e.signum, f"{e} before a new checkpoint; " + (
+        f"the last one is {ckpt.path(last)}; run the same command to resume"
+        if last is not None else "none saved yet")) from None
+  finally:
+    ckpt.manager.close()
+
+
+def _restore_meta(ckpt, step: int) -> dict:
+  try:
+    return ckpt.restore_meta(step)
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+    raise ckpt_lib.CheckpointError(
+        f"{ckpt.path(step)}: unreadable checkpoint ({ckpt_lib._first_line(e)})") from None  # pylint: disable=protected-access
+
+
+def load_start_from(other: str, config, vocab, params, batch_stats, say):
+  """(params, batch_stats) with what another run's latest checkpoint has of them.
+
+  The model and vocabulary must match; the optimizer state and the step are
+  not taken (NeuralTalk2's -start_from).
+  """
+  if not os.path.isdir(os.path.join(other, "checkpoints")):
+    raise ckpt_lib.CheckpointError(f"--start_from={other}: no checkpoints/ directory there")
+  src = Checkpointer(other, keep=10**6)  # opened read-only: saves nothing, prunes nothing
+  try:
+    step = src.latest_step()
+    if step is None:
+      raise ckpt_lib.CheckpointError(f"--start_from={other}: no checkpoint saved there yet")
+    meta = _restore_meta(src, step)
+    ckpt_lib.check_compatible(meta, config, vocab, f"--start_from={src.path(step)}")
     try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except ImportError:
-      self.tb = None
-
-  def log(self, step: int, record: dict, echo=None):
-    record = {"step": int(step), **record, "time": round(time.time(), 3)}
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
-    if self.tb is not None:
-      for k, v in record.items():
-        if isinstance(v, (int, float)) and k not in ("step", "time"):
-          self.tb.add_scalar(k, v, step)
-    if echo is not None:
-      echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in record.items() if k != "time"))
-
-  def text(self, step: int, tag: str, text: str):
-    if self.tb is not None:
-      self.tb.add_text(tag, text, step)
-
-  def close(self):
-    if self.tb is not None:
-      self.tb.close()
+      saved = src.restore(step, None)  # as saved: numpy arrays
+    except Exception as e:  # pylint: disable=broad-except
+      raise ckpt_lib.CheckpointError(f"--start_from={src.path(step)}: cannot restore "
+                                     f"({ckpt_lib._first_line(e)})") from None  # pylint: disable=protected-access
+  finally:
+    src.manager.close()
+  params = dict(params)
+  loaded = [k for k in params if k in saved["params"]]
+  for k in loaded:
+    params[k] = jax.tree_util.tree_map(lambda a, b: jnp.asarray(b, a.dtype),
+                                       params[k], saved["params"][k])
+  if saved.get("batch_stats"):
+    batch_stats = jax.tree_util.tree_map(lambda a, b: jnp.asarray(b, a.dtype),
+                                         batch_stats, saved["batch_stats"])
+  say(f"start_from: {', '.join(loaded)} from {src.path(step)} ({meta.get('phase')} phase, "
+      f"step {step}); optimizer and step start afresh")
+  return params, batch_stats
 
 
-def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
-  """Trains (resuming from `workdir`), then captions and scores the test split."""
+def check_free_space(workdir: str, state, factor: float = 2.0) -> None:
+  """OSError(ENOSPC) if the workdir cannot hold `factor` checkpoints of `state`."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  need = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state)) * factor
+  free = shutil.disk_usage(workdir).free
+  if free < need:
+    raise OSError(errno.ENOSPC, f"no space left on device: {free / 2**20:.0f} MiB free, "
+                  f"{factor:g} checkpoints need about {need / 2**20:.0f} MiB", workdir)
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` and checks that a file can be written there (OSError if not)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(e.errno, f"--workdir is not writable ({e.strerror})", workdir) from None
+
+
+def _train_and_evaluate(config, workdir, progress, start_from, ckpt, latest, stop, t_start,
+                        say) -> dict:
+  """train_and_evaluate's body, with the checkpointer and signal handlers in place."""
   import optax  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
-  t_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  if not os.access(workdir, os.W_OK):
-    raise PermissionError(f"--workdir={workdir}: not writable")
-  say = lambda msg: print(msg, file=sys.stderr, flush=True)
 
   # ---- mesh: the batch is split over a "data" axis; one device is the trivial mesh.
   mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -498,6 +559,15 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
   lm_vars = lm.init(lm_rng, jnp.zeros((1, feat_dim)), jnp.zeros((1, 1, max_length + 2), jnp.int32))
   params = {"cnn": cnn_vars["params"], **lm_vars["params"]}
   batch_stats = cnn_vars.get("batch_stats", {})
+  # ---- an existing checkpoint must fit this config and vocabulary; or --start_from
+  meta = None
+  if latest is not None:
+    meta = _restore_meta(ckpt, latest)
+    for k, a, b in ckpt_lib.check_compatible(meta, config, vocab, ckpt.path(latest)):
+      say(f"note: config.{k} changed since the checkpoint: {a!r} -> {b!r}")
+  elif start_from:
+    params, batch_stats = load_start_from(start_from, config, vocab, params, batch_stats, say)
+  started_from = meta.get("started_from") if meta is not None else start_from
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=1))
   vocab.save(os.path.join(workdir, "vocab.json"))
@@ -505,6 +575,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
   pretrain = config.cnn_pretrain_steps if all(o is not None for o in train_data.objects) else 0
   if config.cnn_pretrain_steps and not pretrain:
     say("note: the data set has no object labels; CNN pretraining skipped")
+  if started_from:  # the CNN comes from the other run
+    pretrain = 0
   total_steps = pretrain + config.num_train_steps
   heads = ObjectHeads(config.model.cnn_kwargs.get("grid", 1)).module if pretrain else None
   tx_pre = pretrain_optimizer(config)
@@ -522,72 +594,135 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
     return {"step": jnp.int32(step), "params": p, "batch_stats": bs,
             "opt_state": {"lm": tx_lm.init(lm_part), "cnn": tx_cnn.init(p["cnn"])}}
 
-  # ---- checkpoint: resume if there is one
-  ckpt = Checkpointer(workdir, config.keep_checkpoints)
-  step = 0
+  # ---- checkpoint: resume if there is one (exactly: state, step, RNG, input position)
+  step, position, first_loss = 0, 0, {}  # position: examples of this phase consumed
   state = pretrain_state() if pretrain else caption_state(params, batch_stats, 0)
-  latest = ckpt.latest_step()
   if latest is not None:
-    meta = ckpt.restore_meta(latest)
-    if meta.get("vocab_size") != len(vocab):
-      raise ValueError(f"{ckpt.directory}: checkpoint has vocabulary {meta.get('vocab_size')}, "
-                       f"the data set {len(vocab)}: use a new --workdir")
     if meta["phase"] == PHASE_CAPTION and pretrain:
       state = caption_state(params, batch_stats, 0)
-    state = ckpt.restore(latest, state)
+    try:
+      state = ckpt.restore(latest, state)
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+      raise ckpt_lib.CheckpointError(
+          f"{ckpt.path(latest)}: cannot restore ({ckpt_lib._first_line(e)}): "  # pylint: disable=protected-access
+          "use a new --workdir or delete that step") from None
     step = int(meta["step"])
-    say(f"resuming from {ckpt.directory}/{latest} (step {step} of {total_steps})")
+    position = int(meta.get("data_position", 0))
+    first_loss = dict(meta.get("first_loss", {}))
+    if meta.get("rng") is not None:
+      train_rng = jnp.asarray(meta["rng"], jnp.uint32)
+    say(f"resumed at step {step} of {total_steps} ({meta['phase']} phase, input position "
+        f"{position})")
+  check_free_space(workdir, state)
   state = jax.device_put(state, replicated)
   logger = Logger(workdir)
+  saved_step = latest
 
   def save(state, phase):
-    ckpt.save(step, state, {"step": step, "phase": phase, "vocab_size": len(vocab),
-                            "image_size": info["image_size"], "max_length": max_length,
-                            "data_position": step * local_batch, "config": config.to_dict()})
+    nonlocal saved_step
+    host = jax.tree_util.tree_map(np.array, jax.device_get(state))  # host sync
+    bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_leaves_with_path(host)
+           if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all()]
+    if bad:
+      raise monitor.Diverged(f"step {step}: non-finite values in {bad[0]}")
+    ckpt.save(step, host, {"step": step, "phase": phase, "vocab_size": len(vocab),
+                           "vocab_digest": ckpt_lib.vocab_digest(vocab.words),
+                           "image_size": info["image_size"], "max_length": max_length,
+                           "data_position": position, "rng": np.asarray(train_rng).tolist(),
+                           "first_loss": first_loss, "started_from": started_from or None,
+                           "config": config.to_dict()})
+    saved_step = step
 
   def run_phase(name, state, step_fn, first, last, batch_fn, eval_fn=None):
-    """Runs global steps [first, last) of one phase; returns the state."""
-    nonlocal step
+    """Runs global steps [first, last) of one phase; returns the state.
+
+    Checkpoints every `checkpoint_every_steps` and at the end; on SIGTERM or
+    SIGINT checkpoints at once and raises Preempted; on a diverging loss
+    raises monitor.Diverged (the checkpoints on disk are all good ones).
+    """
+    nonlocal step, position
     it = input_pipeline.TrainIterator(
         train_data, local_batch, seq_per_img=config.seq_per_img, seed=config.seed,
-        start=(step - first) * local_batch, crop_size=config.crop_size, flip=config.flip,
+        start=position if step > first else 0, crop_size=config.crop_size, flip=config.flip,
         process_index=jax.process_index(), process_count=jax.process_count())
+    step_fn.__name__ = f"{name}_train_step"  # names the compiled program in jax.log_compiles
     jstep = jax.jit(step_fn, donate_argnums=(0,))
     acc, t_log, n_log, compiling = None, time.time(), 0, True
     bar = tqdm(total=last - first, initial=step - first, desc=name, unit="step",
-               disable=not progress, dynamic_ncols=True)
-    while step < last:
-      batch = {k: mesh_put(v) for k, v in batch_fn(next(it)).items()}
-      t0 = time.time()
-      state, metrics = jstep(state, batch, train_rng)
-      if compiling:  # the first step compiles: time it, and keep it out of images/s
-        jax.block_until_ready(state)
-        logger.log(step, {"phase": name, "compile_seconds": round(time.time() - t0, 2)})
-        compiling, t_log = False, time.time()
-      acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
-      step += 1
-      n_log += 1
-      bar.update()
-      if step % config.log_every_steps == 0 or step == last:
-        m = jax.device_get(acc)  # host sync, only on logging steps
-        dt = time.time() - t_log
-        rec = {"phase": name, "loss": float(m["loss_sum"] / max(m["count"], 1)),
-               "images_per_s": round(n_log * config.batch_size / dt, 1)}
-        if "exact_sum" in m:
-          rec["exact_scene_accuracy"] = float(m["exact_sum"] / (n_log * config.batch_size))
-        if name == PHASE_CAPTION:
-          rec["learning_rate"] = float(lr_schedule(step - first))
-        else:
-          rec["learning_rate"] = float(config.cnn_pretrain_learning_rate)
-        logger.log(step, rec)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=rec["images_per_s"])
-        acc, t_log, n_log = None, time.time(), 0
-      if step % config.checkpoint_every_steps == 0 or step == last:
-        save(state, name)
-      if eval_fn is not None and (step % config.eval_every_steps == 0 or step == last):
-        eval_fn(state)
-    bar.close()
+               disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    loss_of = lambda m: float(m["loss_sum"]) / max(float(m["count"]), 1.0)
+    lr_at = jax.jit(lr_schedule)  # compiled once (eager calls compile per halving count)
+    stop.in_loop = True
+    try:
+      while step < last:
+        batch = {k: mesh_put(v) for k, v in batch_fn(next(it)).items()}
+        t0 = time.time()
+        state, metrics = jstep(state, batch, train_rng)
+        if compiling:  # the first step compiles: time it, and keep it out of images/s
+          jax.block_until_ready(state)
+          logger.log(step, {"phase": name, "compile_seconds": round(time.time() - t0, 2)})
+          compiling, t_log = False, time.time()
+          loss0 = loss_of(metrics)
+          monitor.check_loss(loss0, None, where=f"step {step + 1}: ")
+          first_loss.setdefault(name, loss0)  # NeuralTalk2's reference for divergence
+        acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
+        step += 1
+        position = it.position
+        n_log += 1
+        bar.update()
+        checkpoint = step % config.checkpoint_every_steps == 0 or step == last
+        if step % config.log_every_steps == 0 or step == last:
+          m = jax.device_get(acc)  # host sync, only on logging steps
+          dt = time.time() - t_log
+          rec = {"phase": name, "loss": loss_of(m),
+                 "images_per_s": round(n_log * config.batch_size / dt, 1)}
+          if "exact_sum" in m:
+            rec["exact_scene_accuracy"] = float(m["exact_sum"] / (n_log * config.batch_size))
+          if name == PHASE_CAPTION:
+            rec["learning_rate"] = float(lr_at(np.int32(step - first)))
+          else:
+            rec["learning_rate"] = float(config.cnn_pretrain_learning_rate)
+          logger.log(step, rec)
+          bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=rec["images_per_s"])
+          acc, t_log, n_log = None, time.time(), 0
+          monitor.check_loss(rec["loss"], first_loss.get(name), DIVERGENCE_FACTOR,
+                             where=f"step {step}: ")
+        elif checkpoint or stop.requested:  # never save past a loss not yet checked
+          monitor.check_loss(loss_of(jax.device_get(acc)), first_loss.get(name),
+                             DIVERGENCE_FACTOR, where=f"step {step}: ")
+        if checkpoint or stop.requested:
+          save(state, name)
+        if eval_fn is not None and (step % config.eval_every_steps == 0 or step == last):
+          rec = eval_fn(state)
+          if rec and saved_step == step:  # the best checkpoint is kept beside the latest
+            if "val_CIDEr" in rec:
+              ckpt.record_score(step, rec["val_CIDEr"], "val_CIDEr")
+            else:
+              ckpt.record_score(step, -rec["val_loss"], "-val_loss")
+          refresh_plots()
+        if stop.requested:
+          ckpt.wait()
+          sig = signal.Signals(stop.requested).name
+          raise ckpt_lib.Preempted(stop.requested, (
+              f"stopped by {sig} at step {step} of {total_steps}: checkpoint "
+              f"{ckpt.path(step)} saved; run the same command to resume"), saved=True)
+    except monitor.Diverged as e:
+      ckpt.wait()
+      good = ckpt.latest_step()
+      raise monitor.Diverged(
+          f"training diverged: {e}; stopped. The last good checkpoint is "
+          + (ckpt.path(good) if good is not None else "none (none saved yet)")) from None
+    finally:
+      stop.in_loop = False
+      bar.close()
     return state
+
+  def refresh_plots():
+    try:
+      monitor.plot_curves(workdir)
+    except ImportError as e:  # matplotlib missing: plots are optional
+      say(f"note: no plots ({e})")
+    logger.flush()
 
   # ---- phase 1: the CNN learns the objects
   if pretrain and step < pretrain:
@@ -653,6 +788,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
       logger.log(step, rec, echo=lambda s: (tqdm.write(s, file=sys.stderr)))
       logger.text(step, "val_samples", "\n\n".join(
           f"{c['file_name']}: {c['caption']}" for c in caps[:8]))
+      return rec
     return evaluate
 
   if step < total_steps:
@@ -667,7 +803,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
       mode = "finetune"
       state = run_phase(PHASE_CAPTION, state, make_caption_step(cnn, lm, tx_lm, tx_cnn, mode),
                         pretrain, total_steps, cap_batch, make_eval("frozen"))
-  ckpt.close()
+  ckpt.wait()  # the last checkpoint is on disk
 
   # ---- final: caption the test split(s) with beam search and score
   params = jax.device_get(state["params"])
@@ -700,5 +836,6 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
     json.dump(out, f, indent=1)
   logger.log(step, {"phase": "test", **{k: v for k, v in test_scores.items()
                                         if isinstance(v, (int, float))}}, echo=say)
+  refresh_plots()
   logger.close()
   return out

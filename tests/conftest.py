@@ -17,37 +17,77 @@ def shapes_dir(tmp_path_factory):
   return shapes.prepare(root, TINY_SPLITS, image_size=64, seed=0, num_workers=1)
 
 
+# The default recipe shrunk to seconds on the tiny shapes set, as --config.FIELD=VALUE.
+TINY_OVERRIDES = {
+    "batch_size": 8,
+    "model.cnn_kwargs.widths": (8, 16, 32),
+    "model.input_encoding_size": 32,
+    "model.rnn_size": 32,
+    "cnn_pretrain_steps": 10,
+    "num_train_steps": 20,
+    "learning_rate_decay_start": 10,
+    "learning_rate_decay_every": 5,
+    "eval_every_steps": 10,
+    "eval_num_images": 20,
+    "eval_batch_size": 10,
+    "log_every_steps": 5,
+    "checkpoint_every_steps": 10,
+}
+
+
+def tiny_args(data_dir: str, **overrides) -> list:
+  """`captionjax train` flags for the tiny recipe (overrides: FIELD=VALUE, dots as __)."""
+  fields = {"dataset": data_dir, **TINY_OVERRIDES,
+            **{k.replace("__", "."): v for k, v in overrides.items()}}
+  return [f"--config.{k}={v!r}" if not isinstance(v, str) else f"--config.{k}={v}"
+          for k, v in fields.items()]
+
+
 def tiny_config(data_dir: str, **overrides):
   """The default recipe shrunk to seconds on the tiny shapes set."""
   from captionjax import configs
-  c = configs.load_config("default")
-  c.dataset = data_dir
-  c.batch_size = 8
-  c.model.cnn_kwargs.widths = (8, 16, 32)
-  c.model.input_encoding_size = 32
-  c.model.rnn_size = 32
-  c.cnn_pretrain_steps = 10
-  c.num_train_steps = 20
-  c.learning_rate_decay_start = 10
-  c.learning_rate_decay_every = 5
-  c.eval_every_steps = 10
-  c.eval_num_images = 20
-  c.eval_batch_size = 10
-  c.log_every_steps = 5
-  c.checkpoint_every_steps = 10
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return configs.load_config("default", [a[len("--config."):] for a in tiny_args(
+      data_dir, **overrides)])
 
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory, shapes_dir):
-  """A workdir with a finished tiny training run (checkpoints, captions, scores)."""
-  from captionjax import train
+  """A workdir with a finished tiny run of `captionjax train` (checkpoints, logs,
+  captions, scores), run in this process with jax.log_compiles on.
+
+  WORKDIR.events.txt lists, in order, each compilation ("compile NAME") and
+  each train_log record ("log STEP PHASE"), for the recompilation test.
+  """
+  import logging
+  import jax
+  from captionjax import cli
+  from captionjax import monitor
   workdir = str(tmp_path_factory.mktemp("run"))
-  train.train_and_evaluate(tiny_config(shapes_dir), workdir, progress=False)
+  events = []
+
+  class Compiles(logging.Handler):
+    def emit(self, record):
+      msg = record.getMessage()
+      if msg.startswith("Compiling "):
+        events.append("compile " + msg.split()[1])
+
+  orig_log = monitor.Logger.log
+
+  def log(self, step, record, echo=None):
+    events.append(f"log {step} {record.get('phase')}")
+    return orig_log(self, step, record, echo)
+
+  handler = Compiles()
+  jax_logger = logging.getLogger("jax")
+  jax_logger.addHandler(handler)
+  monitor.Logger.log = log
+  try:
+    with jax.log_compiles(True):
+      rc = cli.main(["train", f"--workdir={workdir}", "--no_progress", *tiny_args(shapes_dir)])
+  finally:
+    monitor.Logger.log = orig_log
+    jax_logger.removeHandler(handler)
+  assert rc == 0, f"captionjax train exited with {rc}"
+  with open(workdir + ".events.txt", "w", encoding="utf-8") as f:
+    f.write("\n".join(events) + "\n")
   return workdir

@@ -1,0 +1,225 @@
+"""Orbax checkpoints of a training run: WORKDIR/checkpoints/<step>/{state,meta}.
+
+A checkpoint holds the train state (parameters, optimizer state, step, batch
+statistics) as the `state` item and a JSON `meta` item (step, phase, input
+position, RNG key, vocabulary, config). Orbax writes each step into
+`<step>.orbax-checkpoint-tmp...` and renames it when complete, so a crash in
+the middle of a save leaves every earlier checkpoint intact; the unfinished
+directory is ignored (and removed when the run resumes).
+
+Retention: the latest `keep` checkpoints, plus the best by validation score
+(`best.json` beside them: step -> score, higher is better), as NeuralTalk2
+keeps its best model.
+"""
+
+import hashlib
+import json
+import os
+
+import jax
+import numpy as np
+
+BEST_FILE = "best.json"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used; str(e) is one line naming it."""
+
+
+def vocab_digest(words) -> str:
+  """A short digest of the vocabulary's words, in order."""
+  return hashlib.sha256("\n".join(words).encode("utf-8")).hexdigest()[:16]
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _flatten(d: dict, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list:
+  """Fields that differ between two config dicts: [(name, old, new)]."""
+  a, b = dict(_flatten(old, prefix)), dict(_flatten(new, prefix))
+  norm = lambda v: list(v) if isinstance(v, tuple) else v  # JSON turns tuples into lists
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if norm(a.get(k)) != norm(b.get(k))]
+
+
+def check_compatible(meta: dict, config, vocab, where: str) -> list:
+  """Raises CheckpointError if the checkpoint `meta` cannot serve `config` and `vocab`.
+
+  The model's architecture and the vocabulary must match; other differences
+  (learning rate, number of steps, ...) are returned as [(field, old, new)].
+  """
+  if "vocab_size" in meta and meta["vocab_size"] != len(vocab):
+    raise CheckpointError(f"{where}: checkpoint has a vocabulary of {meta['vocab_size']} words, "
+                          f"the data set {len(vocab)}: use a new --workdir")
+  digest = meta.get("vocab_digest")
+  if digest is not None and digest != vocab_digest(vocab.words):
+    raise CheckpointError(f"{where}: checkpoint was trained on a different vocabulary than "
+                          "the data set's (same size, other words): use a new --workdir")
+  old = meta.get("config")
+  if not old:
+    return []
+  diffs = config_differences(old, config.to_dict())
+  model = [d for d in diffs if d[0].startswith("model.") and d[0] != "model.cnn_weights"]
+  if model:
+    k, a, b = model[0]
+    raise CheckpointError(f"{where}: checkpoint has config.{k}={a!r}, this config {b!r} "
+                          "(an incompatible model): use a new --workdir or the same config")
+  return diffs
+
+
+class Checkpointer:
+  """Orbax checkpoints under WORKDIR/checkpoints/<step>/ with a JSON `meta` item.
+
+  Opening one never deletes anything; `save` prunes to the latest `keep`
+  plus the best scored. Saves are asynchronous: the state is copied to host
+  memory, then written in the background while training goes on.
+  """
+
+  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    self._ocp = ocp
+    self.keep = keep
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "meta"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=None, create=True, enable_async_checkpointing=async_save))
+
+  def all_steps(self) -> list:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  # ---- best by validation score
+
+  def _best_path(self):
+    return os.path.join(self.directory, BEST_FILE)
+
+  def scores(self) -> dict:
+    """step -> validation score (higher is better) of the scored checkpoints."""
+    try:
+      with open(self._best_path(), encoding="utf-8") as f:
+        return {int(k): float(v) for k, v in json.load(f)["scores"].items()}
+    except (OSError, ValueError, KeyError):
+      return {}
+
+  def record_score(self, step: int, score: float, name: str) -> None:
+    """Records the validation score of the checkpoint at `step` (written atomically)."""
+    scores = self.scores()
+    scores[int(step)] = float(score)
+    tmp = self._best_path() + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({"metric": name, "scores": {str(k): v for k, v in sorted(scores.items())}}, f)
+    os.replace(tmp, self._best_path())
+
+  def best_step(self):
+    """The existing checkpoint with the highest recorded score (None if none scored)."""
+    steps = set(self.all_steps())
+    scored = {s: v for s, v in self.scores().items() if s in steps and np.isfinite(v)}
+    return max(scored, key=lambda s: (scored[s], s)) if scored else None
+
+  def _prune(self) -> None:
+    steps = self.all_steps()
+    keep = set(steps[-self.keep:]) if self.keep > 0 else set()
+    best = self.best_step()
+    if best is not None:
+      keep.add(best)
+    for s in steps:
+      if s not in keep:
+        self.manager.delete(s)
+
+  # ---- save and restore
+
+  def save(self, step: int, state, meta: dict) -> None:
+    """Starts saving `state` and `meta` as checkpoint `step`; prunes old ones."""
+    ocp = self._ocp
+    self.wait()  # the previous save is complete: only then may older ones go
+    host = jax.tree_util.tree_map(np.array, jax.device_get(state))  # a copy the next step cannot donate
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True)
+    self._prune()
+
+  def wait(self) -> None:
+    """Blocks until the pending save is on disk."""
+    self.manager.wait_until_finished()
+
+  def restore_meta(self, step: int) -> dict:
+    ocp = self._ocp
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, target):
+    """The `state` of checkpoint `step`, shaped as `target` (None: as saved, numpy)."""
+    ocp = self._ocp
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+# ---------------------------------------------------------------- preemption
+
+
+class Preempted(Exception):
+  """SIGTERM or SIGINT stopped the run; str(e) says where it can resume."""
+
+  def __init__(self, signum: int, message: str = "", saved: bool = False):
+    import signal  # pylint: disable=g-import-not-at-top
+    self.signum = signum
+    self.saved = saved  # a checkpoint of the current step was written
+    name = signal.Signals(signum).name
+    super().__init__(message or f"stopped by {name}")
+
+
+class StopOnSignal:
+  """Turns SIGTERM and SIGINT into a request to checkpoint and stop.
+
+  While `in_loop` is set (the training loop, which polls `requested` after
+  each step), a signal only sets `requested`; elsewhere, or at a second
+  signal, it raises Preempted at once. Handlers are installed only in the
+  main thread, and the previous ones are restored on exit.
+  """
+
+  SIGNALS = ("SIGTERM", "SIGINT")
+
+  def __init__(self):
+    self.requested = None  # the signal number, once one arrived
+    self.in_loop = False
+    self._old = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested is not None or not self.in_loop:
+      raise Preempted(signum)
+    self.requested = signum
+
+  def __enter__(self):
+    import signal  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    if threading.current_thread() is threading.main_thread():
+      for name in self.SIGNALS:
+        sig = getattr(signal, name)
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    import signal  # pylint: disable=g-import-not-at-top
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}
+    return False

@@ -1,0 +1,151 @@
+"""Watching a training run: train_log.jsonl, TensorBoard, stdout and PNG plots.
+
+    WORKDIR/train_log.jsonl       one JSON object per logged step
+    WORKDIR/tensorboard/          scalars and sample captions (tensorboardX)
+    WORKDIR/plots/loss.png        training loss per phase (and validation loss)
+    WORKDIR/plots/val_scores.png  validation scores (CIDEr, BLEU-4, ...)
+
+The plots are redrawn from train_log.jsonl at each evaluation. A resumed run
+appends to the same log; for a step logged twice the later record wins.
+"""
+
+import json
+import os
+import time
+
+LOG_FILE = "train_log.jsonl"
+PLOT_DIR = "plots"
+# Validation scores drawn in val_scores.png, when logged.
+PLOTTED_SCORES = ("val_CIDEr", "val_Bleu_4", "val_ROUGE_L", "val_hallucination_free")
+
+
+class Logger:
+  """train_log.jsonl, TensorBoard scalars and text, and stdout lines."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, LOG_FILE)
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:
+      self.tb = None
+
+  def log(self, step: int, record: dict, echo=None):
+    record = {"step": int(step), **record, "time": round(time.time(), 3)}
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+    if self.tb is not None:
+      for k, v in record.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
+          self.tb.add_scalar(k, v, step)
+    if echo is not None:
+      echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in record.items() if k != "time"))
+
+  def text(self, step: int, tag: str, text: str):
+    if self.tb is not None:
+      self.tb.add_text(tag, text, step)
+
+  def flush(self):
+    if self.tb is not None:
+      self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_log(workdir: str) -> list:
+  """The records of WORKDIR/train_log.jsonl (a torn last line is skipped)."""
+  out = []
+  try:
+    with open(os.path.join(workdir, LOG_FILE), encoding="utf-8") as f:
+      for line in f:
+        try:
+          out.append(json.loads(line))
+        except ValueError:
+          continue  # a line cut short by a kill
+  except FileNotFoundError:
+    pass
+  return out
+
+
+def _series(records, key, phase=None):
+  """step -> value of `key` (the last record of a step wins), sorted by step."""
+  by_step = {}
+  for r in records:
+    if key in r and (phase is None or r.get("phase") == phase) and r[key] is not None:
+      by_step[r["step"]] = r[key]
+  steps = sorted(by_step)
+  return steps, [by_step[s] for s in steps]
+
+
+def plot_curves(workdir: str) -> list:
+  """Draws plots/loss.png and plots/val_scores.png from the log; returns their paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  records = read_log(workdir)
+  out_dir = os.path.join(workdir, PLOT_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  phases = []
+  for r in records:
+    if "loss" in r and r.get("phase") not in phases:
+      phases.append(r.get("phase"))
+  for phase in phases:
+    steps, values = _series(records, "loss", phase)
+    ax.plot(steps, values, label=f"train loss ({phase})")
+  steps, values = _series(records, "val_loss")
+  if steps:
+    ax.plot(steps, values, "o-", label="validation loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy per token")
+  ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  if phases or steps:
+    ax.legend()
+  path = os.path.join(out_dir, "loss.png")
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  written.append(path)
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  drawn = False
+  for key in PLOTTED_SCORES:
+    steps, values = _series(records, key)
+    if steps:
+      ax.plot(steps, values, "o-", label=key[len("val_"):])
+      drawn = True
+  ax.set_xlabel("step")
+  ax.set_ylabel("validation score")
+  ax.grid(alpha=0.3)
+  if drawn:
+    ax.legend()
+  path = os.path.join(out_dir, "val_scores.png")
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  written.append(path)
+  return written
+
+
+# ---------------------------------------------------------------- divergence
+
+
+class Diverged(RuntimeError):
+  """The loss became NaN or Inf, or rose above `factor` x the first loss."""
+
+
+def check_loss(loss: float, first_loss, factor: float = 20.0, where: str = "") -> None:
+  """NeuralTalk2's rule: stop when the loss explodes past factor x the first loss."""
+  import math  # pylint: disable=g-import-not-at-top
+  if not math.isfinite(loss):
+    raise Diverged(f"{where}loss is {loss}")
+  if first_loss is not None and first_loss > 0 and loss > factor * first_loss:
+    raise Diverged(f"{where}loss {loss:.4g} is above {factor:g}x the first loss {first_loss:.4g}")
