@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 IMAGE_EXTENSIONS = frozenset(
@@ -215,10 +216,9 @@ def run_images(args) -> int:
     raise UsageError(f"--images={args.images}: no image files found")
   if args.num_images > 0:
     paths = paths[:args.num_images]
-  root = args.images if os.path.isdir(args.images) else os.path.dirname(args.images)
-  names = [os.path.relpath(p, root).replace(os.sep, "/") if os.path.isdir(args.images)
+  folder = os.path.isdir(args.images)
+  names = [os.path.relpath(p, args.images).replace(os.sep, "/") if folder
            else os.path.basename(p) for p in paths]
-  del root
 
   model = _load_model(args)
   captioner = _captioner(args, model, min(args.batch_size, len(paths)))
@@ -255,16 +255,19 @@ def run_images(args) -> int:
   bar.close()
   dt = time.time() - t0
 
-  write_json(args.output, records)
-  if args.vis_json:
-    write_vis(args.vis_json, records, thumbs)
-  if args.html:
-    summary = (f"{len(records)} of {len(paths)} images captioned by {args.checkpoint} "
-               f"(step {model.step}), "
-               f"{'sampled' if args.sample else f'beam size {captioner.beam_size}'}")
-    page = gallery.write_gallery(args.html, records, failures, thumbs,
-                                 title="captionjax captions", summary=summary)
-    _say(f"gallery: {page}")
+  try:
+    write_json(args.output, records)
+    if args.vis_json:
+      write_vis(args.vis_json, records, thumbs)
+    if args.html:
+      summary = (f"{len(records)} of {len(paths)} images captioned by {args.checkpoint} "
+                 f"(step {model.step}), "
+                 f"{'sampled' if args.sample else f'beam size {captioner.beam_size}'}")
+      page = gallery.write_gallery(args.html, records, failures, thumbs,
+                                   title="captionjax captions", summary=summary)
+      _say(f"gallery: {page}")
+  except OSError as e:
+    raise UsageError(f"cannot write {e.filename}: {e.strerror}") from None
   rate = len(paths) / dt if dt > 0 else float("inf")
   _say(f"captioned {len(records)} of {len(paths)} images in {dt:.1f}s ({rate:.1f} images/s, "
        f"decoding included, compile excluded)"
@@ -281,6 +284,8 @@ def _ffmpeg():
     import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise UsageError("video needs the imageio-ffmpeg package: pip install imageio-ffmpeg") from None
+  # ffmpeg runs as a subprocess (fork + exec at once), which JAX's fork warning does not mean.
+  warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
   return imageio_ffmpeg
 
 
@@ -398,8 +403,9 @@ def camera_device(index: int) -> str:
   dev = f"/dev/video{index}"
   if not os.path.exists(dev):
     have = sorted(d for d in os.listdir("/dev") if d.startswith("video")) if os.path.isdir("/dev") else []
-    found = ", ".join("/dev/" + d for d in have) if have else "no camera at all"
-    raise UsageError(f"--camera={index}: no camera {dev} on this machine (found: {found})")
+    found = ("cameras here: " + ", ".join("/dev/" + d for d in have) if have
+             else "no /dev/video* device at all")
+    raise UsageError(f"--camera={index}: no camera {dev} on this machine ({found})")
   return dev
 
 

@@ -285,12 +285,10 @@ class Item:
     return not self.error
 
 
-def image_loader(model: Model, with_original: bool = False) -> Callable:
-  """path -> (model input [S, S, 3], original image or None); raises ImageError."""
+def image_loader(model: Model) -> Callable:
+  """path -> (model input [S, S, 3], None); raises ImageError."""
   def load(path):
-    image = model.preprocess(images_lib.load_image(path, size=model.image_size))
-    original = images_lib.load_image(path) if with_original else None
-    return image, original
+    return model.preprocess(images_lib.load_image(path, size=model.image_size)), None
   return load
 
 

@@ -398,3 +398,15 @@ def test_trained_workdir_caption_and_perplexity(tmp_path, trained_workdir, shape
   last_val = [r for r in log if r.get("phase") == "val"][-1]
   # shapes images have 5 captions, the trainer's validation scores 5 per image: same number.
   assert got["perplexity"] == pytest.approx(last_val["val_perplexity"], rel=1e-4)
+
+
+def test_unreadable_video(tmp_path, workdir, capsys):
+  pytest.importorskip("imageio_ffmpeg")
+  bad = tmp_path / "clip.mp4"
+  bad.write_text("not a video")
+  rc = cli.main(["caption", f"--checkpoint={workdir}", f"--video={bad}",
+                 f"--output={tmp_path}/t.json"])
+  assert rc == 2
+  err = capsys.readouterr().err
+  assert "clip.mp4" in err and "cannot read video" in err
+  assert not (tmp_path / "t.json").exists()
