@@ -319,7 +319,7 @@ TFDS_SPLITS = ("train", "restval", "val", "test")  # coco_captions' (Karpathy's)
 
 
 def read_tfds(name: str, data_dir: str, spill_path: str, restval: str = "train",
-              splits=None, notes=None) -> list[dict]:
+              splits=None, notes=None, progress: bool = False) -> list[dict]:
   """A prepared TFDS captioning data set (`coco_captions`), read offline.
 
   Nothing is downloaded and no cloud bucket is asked (`download=False`,
@@ -336,9 +336,11 @@ def read_tfds(name: str, data_dir: str, spill_path: str, restval: str = "train",
     splits: the splits to read; default: the prepared ones (the Karpathy
       splits when the data set does not say).
     notes: a list the reader appends notes to.
+    progress: show a progress bar per split.
   """
   if restval not in RESTVAL_CHOICES:
     raise ValueError(f"restval must be one of {RESTVAL_CHOICES}, got {restval!r}")
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
@@ -364,7 +366,9 @@ def read_tfds(name: str, data_dir: str, spill_path: str, restval: str = "train",
         raise DataError(f"--tfds={name} --tfds_data_dir={data_dir}: split {split!r} is not "
                         f"prepared there ({str(e).splitlines()[0]})") from None
       out_split = "train" if split == "restval" and restval == "train" else split
-      for ex in ds.as_numpy_iterator():
+      total = builder.info.splits[split].num_examples if split in builder.info.splits else None
+      for ex in tqdm(ds.as_numpy_iterator(), total=total, desc=f"tfds {split}", unit="img",
+                     disable=not progress):
         data = ex["image"]
         offset = spill.tell()
         spill.write(data)

@@ -104,7 +104,8 @@ def load_pil(source, size: int | tuple[int, int] | None = None,
       w, h = im.size
       if w * h > max_pixels:
         raise ImageError(
-            f"image too large: {w}x{h} exceeds the limit of {max_pixels} pixels")
+            f"image too large: {w}x{h} exceeds the limit of {max_pixels} pixels "
+            f"(a decompression-bomb guard; prepro's --max_pixels sets it)")
       if w < 1 or h < 1:
         raise ImageError(f"image has no pixels ({w}x{h})")
       if size is not None and im.format == "JPEG":

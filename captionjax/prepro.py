@@ -13,7 +13,9 @@ vocabulary is then built from the captions of the training images that were
 kept, and pass 2 writes the records with the encoded captions. The output
 directory is only replaced when everything succeeded, so re-running with the
 same arguments is idempotent: the output files are byte for byte the same
-(the time taken is printed, not stored), whatever the number of workers.
+(the time taken is printed, not stored), whatever the number of workers. A
+re-run whose items, image files (size and mtime) and settings match the
+fingerprint stored in `dataset_info.json` does nothing (`--force` redoes it).
 """
 
 import hashlib
@@ -101,7 +103,7 @@ def load_items(args, notes: list, spill_dir: str) -> tuple[list[dict], dict]:
       raise datasets.DataError("--tfds needs --tfds_data_dir (the data is read offline)")
     items = datasets.read_tfds(args.tfds, args.tfds_data_dir,
                                os.path.join(spill_dir, "tfds_images.bin"), args.restval,
-                               notes=notes)
+                               notes=notes, progress=not args.no_progress)
     return items, {"tfds": args.tfds, "restval": args.restval}
   raise datasets.DataError("no input given: pass one of --input_json, --karpathy_json, "
                            "--flickr_token, --captions_csv, --tfds")

@@ -1,7 +1,7 @@
 """Benchmark: `captionjax prepro` throughput vs a bare two-process PIL loop.
 
   python experiments/benchmarks/bench_prepro.py [--images=400] [--size=640x480]
-      [--image_size=256] [--workers=2] [--repeats=5]
+      [--image_size=256] [--workers=2] [--repeats=5] [--photos_dir=DIR] [--cli]
 
 Generates `--images` photo-like JPEGs (smooth shapes plus texture, about the
 size and file weight of COCO's), then times on those same files, interleaved,
@@ -17,7 +17,8 @@ a median of `--repeats` runs after one warm-up each:
 
 Both pools are created inside the timed region with the same start method
 (spawn, as prepro uses). It prints images per second for each and the ratios
-prepro / bare and prepro / bare+draft. With `--cli` it also times one fresh
+prepro / bare and prepro / bare+draft. With `--photos_dir` the files of that
+folder are used instead (copied, cycled to `--images` files). With `--cli` it also times one fresh
 `captionjax prepro` process (Python, TensorFlow import and all) on the files.
 """
 
@@ -25,6 +26,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,6 +95,7 @@ def main():
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--cli", action="store_true", help="also time one `captionjax prepro`")
+  parser.add_argument("--photos_dir", default="", help="use these image files, not generated ones")
   args = parser.parse_args()
   width, height = (int(v) for v in args.size.split("x"))
 
@@ -100,9 +103,18 @@ def main():
     root = os.path.join(tmp, "images")
     os.makedirs(root)
     t = time.perf_counter()
-    paths = make_images(root, args.images, width, height)
+    if args.photos_dir:
+      photos = sorted(os.listdir(args.photos_dir))
+      paths = []
+      for i in range(args.images):
+        name = photos[i % len(photos)]
+        paths.append(os.path.join(root, f"{i:05d}_{name}"))
+        shutil.copyfile(os.path.join(args.photos_dir, name), paths[-1])
+      width, height = 0, 0
+    else:
+      paths = make_images(root, args.images, width, height)
     mb = sum(os.path.getsize(p) for p in paths) / 2 ** 20
-    print(f"generated {len(paths)} {width}x{height} JPEGs ({mb / len(paths) * 1024:.0f} KiB "
+    print(f"{len(paths)} {width}x{height} files ({mb / len(paths) * 1024:.0f} KiB "
           f"each) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     items = [{"file_path": os.path.basename(p), "captions": CAPTIONS} for p in paths]
     out = os.path.join(tmp, "out")
@@ -119,7 +131,7 @@ def main():
         t = time.perf_counter()
         fn()
         times[k].append(time.perf_counter() - t)
-    result = {"images": len(paths), "size": args.size, "image_size": args.image_size,
+    result = {"images": len(paths), "size": args.photos_dir or args.size, "image_size": args.image_size,
               "workers": args.workers, "cpu_count": os.cpu_count(), "repeats": args.repeats}
     for k, ts in times.items():
       med = statistics.median(ts)
