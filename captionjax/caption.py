@@ -352,7 +352,7 @@ def caption_video(model, captioner, path: str, every_seconds: float, n_best: int
 def write_captioned_video(src: str, dst: str, timeline: dict) -> None:
   """A copy of `src` with, on each frame, the latest caption drawn at the bottom."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
   ffmpeg = _ffmpeg()
   reader = ffmpeg.read_frames(src)
   meta = reader.__next__()
@@ -361,6 +361,10 @@ def write_captioned_video(src: str, dst: str, timeline: dict) -> None:
   fps = float(meta.get("fps") or 25.0)
   writer = ffmpeg.write_frames(dst, (ew, eh), fps=fps, macro_block_size=1, quality=7)
   writer.send(None)
+  try:
+    font = ImageFont.load_default(size=max(10, eh // 24))  # scalable with FreeType
+  except (TypeError, OSError):
+    font = ImageFont.load_default()
   marks = [(f["frame"], f["caption"]) for f in timeline["frames"]]
   k, caption = 0, ""
   try:
@@ -372,10 +376,10 @@ def write_captioned_video(src: str, dst: str, timeline: dict) -> None:
       im.paste(Image.frombuffer("RGB", (w, h), raw, "raw", "RGB", 0, 1))
       if caption:
         draw = ImageDraw.Draw(im)
-        box = draw.textbbox((0, 0), caption)
-        th = box[3] - box[1] + 8
+        box = draw.textbbox((0, 0), caption, font=font)
+        th = box[3] + 8
         draw.rectangle([0, eh - th, ew, eh], fill=(0, 0, 0))
-        draw.text((6, eh - th + 3), caption, fill=(255, 255, 0))
+        draw.text((6, eh - th + 4), caption, fill=(255, 255, 0), font=font)
       writer.send(np.asarray(im).tobytes())
   finally:
     writer.close()

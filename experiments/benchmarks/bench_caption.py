@@ -16,7 +16,7 @@ stop at END, so random weights decode at most max_length + 1 steps; the
 decoder's share is reported by the ratio to beam 1 and a features-only run
 (the CNN alone). For VGG16, which is compute-bound, the CNN's GFLOP/s are
 given as a fraction of this CPU's float32 matmul peak, measured in the same
-run (before and after; the larger is used).
+run, in the same rounds as the model (see `interleaved`).
 
 With --pipeline_files=N it also captions N generated 640x480 JPEG files end to
 end with `inference.caption_files` (default model): decoding in a thread pool
@@ -25,6 +25,7 @@ captioning (the serial sum).
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -57,24 +58,32 @@ def vgg16_flops(size: int = 224) -> float:
   return flops + 2.0 * side * side * c_in * VGG16_FC_SIZE + 2.0 * VGG16_FC_SIZE ** 2
 
 
-def timed(fn, repeats: int):
-  """(median seconds, warm-up seconds) of `repeats` runs after one warm-up."""
-  t = time.perf_counter()
-  jax.block_until_ready(fn())
-  warm = time.perf_counter() - t
-  times = []
-  for _ in range(repeats):
+def interleaved(fns: dict, repeats: int) -> dict:
+  """name -> (median seconds, warm-up seconds) of each fn, timed in rounds.
+
+  Every fn is warmed up (compiled) first; then each round runs every fn once,
+  so that load from other processes on this shared CPU spreads over all of
+  them alike and the ratios stay meaningful.
+  """
+  warm, times = {}, {k: [] for k in fns}
+  for k, fn in fns.items():
     t = time.perf_counter()
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times), warm
+    warm[k] = time.perf_counter() - t
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - t)
+  return {k: (statistics.median(times[k]), warm[k]) for k in fns}
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+def matmul_fn(n: int = 2048):
+  """(fn, flops): a jitted float32 n x n matmul, the CPU's practical peak."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
   dot = jax.jit(jnp.dot)
-  return 2.0 * n ** 3 / timed(lambda: dot(a, b), repeats)[0] / 1e9
+  return (lambda: dot(a, b)), 2.0 * n ** 3
 
 
 def make_model(name: str) -> inference.Model:
@@ -94,30 +103,33 @@ def make_model(name: str) -> inference.Model:
   return inference.random_model(config, vocab, image_size, MAX_LENGTH)
 
 
-def bench_model(name: str, beams, batch_size: int, repeats: int, peak: float) -> list:
+def bench_model(name: str, beams, batch_size: int, repeats: int) -> list:
+  """Rows of images/s for the CNN alone and each beam size, with the matmul peak
+  timed in the same rounds."""
   model = make_model(name)
   s = model.input_size
   images = np.random.default_rng(0).integers(0, 256, (batch_size, s, s, 3), dtype=np.uint8)
-  rows = []
-  # The CNN alone (features), for the decoder's share.
   cnn = jax.jit(lambda p, bs, x: model.cnn.apply(train.cnn_variables(p, bs),
                                                  train.images_to_input(x), train=False))
   p_cnn = jax.device_put(model.params["cnn"])
   bs = jax.device_put(model.batch_stats)
-  t_cnn, warm = timed(lambda: cnn(p_cnn, bs, images), repeats)
-  rows.append({"model": name, "beam_size": "cnn only", "images_per_s": batch_size / t_cnn,
-               "compile_s": warm - t_cnn})
+  mm, mm_flops = matmul_fn()
+  fns = {"matmul": mm, "cnn only": lambda: cnn(p_cnn, bs, images)}
   for k in beams:
     cap = inference.BatchCaptioner(model, batch_size=batch_size, beam_size=k)
-    t, warm = timed(lambda: cap.raw(images), repeats)
-    rows.append({"model": name, "beam_size": k, "images_per_s": batch_size / t,
-                 "compile_s": warm - t})
-  base = next(r for r in rows if r["beam_size"] == beams[0])["images_per_s"]
-  for r in rows:
+    fns[k] = functools.partial(cap.raw, images)
+  timing = interleaved(fns, repeats)
+  peak = mm_flops / timing.pop("matmul")[0] / 1e9
+  base = batch_size / timing[beams[0]][0]
+  rows = []
+  for k, (t, warm) in timing.items():
+    r = {"model": name, "beam_size": k, "images_per_s": batch_size / t,
+         "compile_s": max(warm - t, 0.0), "matmul_peak_gflops": peak}
     r["ratio_to_beam_%s" % beams[0]] = r["images_per_s"] / base
     if name == "vgg16":
       r["cnn_gflops_per_s"] = r["images_per_s"] * vgg16_flops(s) / 1e9
       r["fraction_of_matmul_peak"] = r["cnn_gflops_per_s"] / peak
+    rows.append(r)
   return rows
 
 
@@ -148,13 +160,11 @@ def bench_pipeline(num_files: int, batch_size: int, repeats: int) -> dict:
     def decode_only():
       return [load(p) for p in paths]
 
-    t_over, _ = timed(overlapped, repeats)
-    t_serial, _ = timed(serial, repeats)
-    t_decode, _ = timed(decode_only, repeats)
-  return {"files": num_files, "overlapped_images_per_s": num_files / t_over,
-          "serial_images_per_s": num_files / t_serial,
-          "decode_only_images_per_s": num_files / t_decode,
-          "speedup_overlapped_vs_serial": t_serial / t_over}
+    t = interleaved({"overlapped": overlapped, "serial": serial, "decode": decode_only}, repeats)
+  return {"files": num_files, "overlapped_images_per_s": num_files / t["overlapped"][0],
+          "serial_images_per_s": num_files / t["serial"][0],
+          "decode_only_images_per_s": num_files / t["decode"][0],
+          "speedup_overlapped_vs_serial": t["serial"][0] / t["overlapped"][0]}
 
 
 def main():
@@ -169,26 +179,20 @@ def main():
   beams = [int(b) for b in args.beams.split(",")]
   print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}", flush=True)
-  peak_before = matmul_peak()
   rows = []
   for name in args.models.split(","):
-    rows += bench_model(name, beams, args.batch_size, args.repeats, peak_before)
-  peak_after = matmul_peak()
-  peak = max(peak_before, peak_after)
-  print(f"float32 matmul peak: {peak_before:.1f} / {peak_after:.1f} GFLOP/s (before/after); "
-        f"using {peak:.1f}")
+    rows += bench_model(name, beams, args.batch_size, args.repeats)
   key = "ratio_to_beam_%s" % beams[0]
-  print(f"{'model':8s} {'beam':>8s} {'images/s':>9s} {'ratio':>6s} {'compile s':>9s} {'of peak':>8s}")
+  print(f"{'model':8s} {'beam':>8s} {'images/s':>9s} {'ratio':>6s} {'compile s':>9s} "
+        f"{'peak GF/s':>9s} {'of peak':>8s}")
   for r in rows:
-    if "cnn_gflops_per_s" in r:
-      r["fraction_of_matmul_peak"] = r["cnn_gflops_per_s"] / peak
     frac = f"{r['fraction_of_matmul_peak']:8.1%}" if "fraction_of_matmul_peak" in r else f"{'':8s}"
-    print(f"{r['model']:8s} {str(r['beam_size']):>8s} {r['images_per_s']:9.1f} "
-          f"{r[key]:6.2f} {r['compile_s']:9.1f} {frac}")
+    print(f"{r['model']:8s} {str(r['beam_size']):>8s} {r['images_per_s']:9.2f} "
+          f"{r[key]:6.2f} {r['compile_s']:9.1f} {r['matmul_peak_gflops']:9.1f} {frac}")
   out = {"device": jax.devices()[0].device_kind, "batch_size": args.batch_size,
-         "repeats": args.repeats, "matmul_peak_gflops": peak, "rows": rows}
+         "repeats": args.repeats, "load_average": os.getloadavg()[0], "rows": rows}
   if args.pipeline_files:
-    p = bench_pipeline(args.pipeline_files, args.batch_size, max(1, args.repeats // 2))
+    p = bench_pipeline(args.pipeline_files, args.batch_size, args.repeats)
     out["pipeline"] = p
     print(f"pipeline, default model, beam 2, {p['files']} 640x480 JPEGs: "
           f"overlapped {p['overlapped_images_per_s']:.1f} images/s, serial "
