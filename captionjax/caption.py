@@ -20,6 +20,7 @@ Exit status: 0 every input captioned, 1 some failed (the rest are still
 captioned and written), 2 usage errors (bad flags, no checkpoint, no images).
 """
 
+import argparse
 import json
 import os
 import sys
@@ -37,6 +38,8 @@ class UsageError(ValueError):
 
 
 def add_arguments(p):
+  p.formatter_class = argparse.RawDescriptionHelpFormatter
+  p.epilog = __doc__.split("\n", 1)[1]  # the usage lines, output format and exit statuses
   p.add_argument("--checkpoint", required=True,
                  help="a `captionjax train` workdir (its latest checkpoint is used)")
   p.add_argument("--step", type=int, default=None, help="a checkpoint step instead of the latest")

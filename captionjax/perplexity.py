@@ -11,6 +11,7 @@ Prints one JSON object on stdout: {"perplexity", "cross_entropy", "tokens",
 "captions", "images", "split", "step"}. Exit status 2 on bad input.
 """
 
+import argparse
 import json
 import sys
 
@@ -18,6 +19,8 @@ EXIT_USAGE = 2
 
 
 def add_arguments(p):
+  p.formatter_class = argparse.RawDescriptionHelpFormatter
+  p.epilog = __doc__.split("\n", 1)[1]  # the usage lines, output format and exit statuses
   p.add_argument("--checkpoint", required=True, help="a `captionjax train` workdir")
   p.add_argument("--step", type=int, default=None, help="a checkpoint step instead of the latest")
   p.add_argument("--split", default="test", help="the split whose reference captions are scored")
