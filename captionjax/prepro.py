@@ -404,4 +404,8 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
   print(msg, file=sys.stderr)
   for s in skipped:
     print(f"  skipped {s['file']}: {s['reason']}", file=sys.stderr)
+  if not counts.get("train"):
+    print(f"prepro: warning: no training images (--num_val={num_val} and "
+          f"--num_test={num_test} take the first images; items' own 'split' fields win)",
+          file=sys.stderr)
   return info

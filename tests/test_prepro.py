@@ -124,6 +124,17 @@ def test_rerun_is_idempotent(raw_set, tmp_path):
   assert first == second  # dataset_info.json included: nothing in it varies by run
 
 
+def test_warns_when_no_image_is_left_for_training(raw_set, tmp_path, capsys):
+  raw, root, _ = raw_set
+  out = str(tmp_path / "out")
+  assert _run_prepro(raw, root, out, "--num_val=5000") == 0  # NeuralTalk2's default
+  err = capsys.readouterr().err
+  assert "warning: no training images" in err and "--num_val=5000" in err
+  assert "train" not in records.load_info(out)["splits"]
+  assert _run_prepro(raw, root, str(tmp_path / "out2")) == 0
+  assert "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("content,message", [
     ("{not json", "not valid JSON"),
     ('{"a": 1}', "expected a JSON list"),
