@@ -76,8 +76,8 @@ def read_raw_json(path: str) -> list[dict]:
 def _read_text(path: str, what: str) -> str:
   """A UTF-8 text file (a byte-order mark is dropped), with clear errors."""
   try:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-      return f.read()
+    with open(path, "rb") as f:
+      return f.read().decode("utf-8-sig")
   except FileNotFoundError:
     raise DataError(f"{path}: no such {what}") from None
   except OSError as e:
