@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "evaluate": ("captionjax.metrics.cli", "score captions as the coco-caption toolkit does"),
     "perplexity": ("captionjax.perplexity", "perplexity of reference captions under a checkpoint"),
     "import-weights": ("captionjax.weights", "import pretrained VGG16 weights (Keras HDF5, torchvision)"),
+    "features": ("captionjax.features", "VGG16 fc7 features of a folder of images (.npy + names)"),
 }
 
 

@@ -140,6 +140,12 @@ def make_models(config, vocab_size: int):
                 rnn_size=m.rnn_size, num_layers=m.num_layers,
                 drop_prob_lm=m.drop_prob_lm, rnn_type=m.rnn_type)
   cnn_kwargs = m.cnn_kwargs.to_dict()
+  if m.get("cnn_weights"):  # imported VGG16 weights: the input normalization they expect
+    from captionjax import weights  # pylint: disable=g-import-not-at-top
+    if m.cnn != "vgg16":
+      raise ValueError(f"config.model.cnn_weights needs config.model.cnn='vgg16', got {m.cnn!r}")
+    if "preprocess" not in cnn_kwargs:  # else set in the config (checked when loaded)
+      cnn_kwargs.update(weights.model_kwargs(m.cnn_weights))
   if m.cnn not in captioner_lib.CNNS:
     raise ValueError(f"config.model.cnn: unknown CNN {m.cnn!r} (one of {sorted(captioner_lib.CNNS)})")
   cnn = captioner_lib.CNNS[m.cnn](**cnn_kwargs)
@@ -558,6 +564,10 @@ def _train_and_evaluate(config, workdir, progress, start_from, ckpt, latest, sto
   feat_dim = jax.eval_shape(lambda v: cnn.apply(v, dummy), cnn_vars).shape[-1]
   lm_vars = lm.init(lm_rng, jnp.zeros((1, feat_dim)), jnp.zeros((1, 1, max_length + 2), jnp.int32))
   params = {"cnn": cnn_vars["params"], **lm_vars["params"]}
+  if config.model.get("cnn_weights"):
+    from captionjax import weights  # pylint: disable=g-import-not-at-top
+    params["cnn"] = weights.load_params(config.model.cnn_weights, params["cnn"], cnn.preprocess)
+    say(f"CNN: imported weights from {config.model.cnn_weights}")
   batch_stats = cnn_vars.get("batch_stats", {})
   # ---- an existing checkpoint must fit this config and vocabulary; or --start_from
   meta = None

@@ -331,12 +331,16 @@ def model_kwargs(weights_dir: str) -> dict:
   return {"preprocess": load_meta(weights_dir)["preprocess"]}
 
 
-def load_params(weights_dir: str, like) -> dict:
+def load_params(weights_dir: str, like, preprocess: str | None = None) -> dict:
   """The imported weights in the structure of a VGG16 parameter tree `like`
   (arrays or shape structs): every layer of `like` must be in the
   directory with the same shapes; layers the model lacks (e.g. predictions
-  for output="fc7") are left out."""
-  params, _ = load(weights_dir)
+  for output="fc7") are left out. With `preprocess`, the model's input
+  normalization must be the one the weights record."""
+  params, meta = load(weights_dir)
+  if preprocess is not None and preprocess != meta["preprocess"]:
+    raise WeightsError(f"{weights_dir}: the weights expect preprocess={meta['preprocess']!r}, "
+                       f"the model has {preprocess!r} (config.model.cnn_kwargs.preprocess)")
   out = {}
   for layer, leaves in like.items():
     if layer not in params:

@@ -31,11 +31,13 @@ def relative_error(got, want) -> float:
 
 
 def smooth_images(n, size=SIZE, seed=0):
-  """RGB in [0, 1]: smooth random fields (more image-like than white noise)."""
+  """RGB in [0, 1], multiples of 1/255 (so uint8 files hold them exactly):
+  smooth random fields (more image-like than white noise)."""
   rng = np.random.default_rng(seed)
   coarse = rng.random((n, 7, 7, 3))
   x = np.kron(coarse, np.ones((1, size // 7 + 1, size // 7 + 1, 1)))[:, :size, :size]
-  return (0.7 * x + 0.3 * rng.random((n, size, size, 3))).astype(np.float32)
+  x = 0.7 * x + 0.3 * rng.random((n, size, size, 3))
+  return (np.round(x * 255.0) / 255.0).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +261,39 @@ def test_model_applies_the_recorded_normalization():
 def _norm(m, x):
   from captionjax.models.vgg import normalize_input  # pylint: disable=g-import-not-at-top
   return normalize_input(x, m.preprocess)
+
+
+# ---------------------------------------------------------------- features
+
+
+def test_features_command_matches_keras_fc2(keras_vgg16, imported, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from captionjax import features  # pylint: disable=g-import-not-at-top
+  from captionjax.images import load_image  # pylint: disable=g-import-not-at-top
+  _, x, want_fc2, _ = keras_vgg16
+  folder = tmp_path / "images"
+  folder.mkdir()
+  u8 = np.round(x * 255.0).astype(np.uint8)
+  Image.fromarray(u8[1]).save(folder / "b.png")  # 224x224: used as it is
+  Image.fromarray(u8[0]).save(folder / "a.png")
+  Image.fromarray(u8[0][:200, :150]).save(folder / "c_small.jpg")  # resized to 224
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+  (folder / ".hidden.png").write_bytes(b"")
+  out = str(tmp_path / "out" / "feats.npy")
+  assert cli.main(["features", f"--weights={imported}", f"--images={folder}",
+                   f"--output={out}", "--batch_size=2"]) == 0
+  feats = np.load(out)
+  with open(features.names_path(out), encoding="utf-8") as f:
+    names = json.load(f)
+  assert names == ["a.png", "b.png", "c_small.jpg"]  # sorted; broken and hidden left out
+  assert feats.shape == (3, 4096) and feats.dtype == np.float32
+  err = relative_error(feats[:2], want_fc2)
+  print(f"features command vs Keras fc2: relative error {err:.3g}")
+  assert err < 1e-4
+  # The resized image: fc7 of the 224x224 bicubic resize, by the extractor itself.
+  small = load_image(str(folder / "c_small.jpg"), size=224)
+  extractor = features.make_extractor(imported, 2)
+  np.testing.assert_allclose(feats[2], extractor(np.stack([small, u8[1]]))[0],
+                             rtol=1e-5, atol=1e-5 * np.abs(feats).max())
+  assert cli.main(["features", f"--weights={imported}", f"--images={tmp_path}/none",
+                   f"--output={out}"]) == 1

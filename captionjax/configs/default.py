@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- model
   c.model = ml_collections.ConfigDict()
   c.model.cnn = "small_vgg"  # "small_vgg" or "vgg16"
+  c.model.cnn_weights = ""  # vgg16: imported weights (`captionjax import-weights` DIR); "" = random
   c.model.cnn_kwargs = ml_collections.ConfigDict()
   c.model.cnn_kwargs.widths = (64, 128, 256)  # conv block widths
   c.model.cnn_kwargs.pool = "grid"  # grid-pooled features keep where things are
@@ -78,5 +79,5 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- logging and checkpoints
   c.log_every_steps = 50  # train_log.jsonl and TensorBoard every N steps
   c.checkpoint_every_steps = 1000  # orbax checkpoint every N steps
-  c.keep_checkpoints = 2  # latest checkpoints kept
+  c.keep_checkpoints = 2  # latest checkpoints kept, plus the best by validation score
   return c
