@@ -337,10 +337,11 @@ def load_params(weights_dir: str, like, preprocess: str | None = None) -> dict:
   directory with the same shapes; layers the model lacks (e.g. predictions
   for output="fc7") are left out. With `preprocess`, the model's input
   normalization must be the one the weights record."""
-  params, meta = load(weights_dir)
+  meta = load_meta(weights_dir)
   if preprocess is not None and preprocess != meta["preprocess"]:
     raise WeightsError(f"{weights_dir}: the weights expect preprocess={meta['preprocess']!r}, "
                        f"the model has {preprocess!r} (config.model.cnn_kwargs.preprocess)")
+  params, _ = load(weights_dir)
   out = {}
   for layer, leaves in like.items():
     if layer not in params:

@@ -175,7 +175,10 @@ def test_cnn_weights_config_errors(shapes_dir, tmp_path):
   cnn, _, full = train.make_models(config, 10)
   assert cnn.preprocess == "caffe" and full.cnn_kwargs["preprocess"] == "caffe"
   config.model.cnn_kwargs = {"output": "fc7", "preprocess": "torch"}  # set in the config: kept
-  assert train.make_models(config, 10)[0].preprocess == "torch"
+  cnn = train.make_models(config, 10)[0]
+  assert cnn.preprocess == "torch"
+  with pytest.raises(weights.WeightsError, match="expect preprocess='caffe'.*'torch'"):
+    weights.load_params(str(tmp_path), {}, cnn.preprocess)  # as training starts
 
 
 @pytest.mark.slow  # about 30 s of CPU (VGG16 on 20 images, compilations); -m slow

@@ -30,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.cnn_kwargs.output = "fc7"  # 4096 features after fc7's ReLU, as NeuralTalk2's layer 38
   c.model.cnn_kwargs.dropout_rate = 0.5  # VGG16's fc dropout while fine-tuning
   c.model.cnn_kwargs.conv_per_image = False  # batched convolutions (the fast path on a GPU)
+  # The input normalization of the weights ("caffe" for Keras's file, "torch" for
+  # torchvision's); checked against weights.json when training starts. Set here,
+  # captioning from the checkpoints does not need the weights directory.
+  c.model.cnn_kwargs.preprocess = "caffe"
   c.model.input_encoding_size = 512  # NeuralTalk2's input_encoding_size
   c.model.rnn_size = 512  # NeuralTalk2's rnn_size
   c.model.num_layers = 1  # NeuralTalk2's num_layers
