@@ -84,7 +84,9 @@ class Checkpointer:
   memory, then written in the background while training goes on.
   """
 
-  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int, async_save: bool = True, cleanup: bool = False):
+    """`cleanup`: remove unfinished saves left by a crash (only the run that
+    writes here may: a reader could otherwise delete a save in progress)."""
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
     self.keep = keep
@@ -92,7 +94,8 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=None, create=True, enable_async_checkpointing=async_save))
+            max_to_keep=None, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=cleanup))
 
   def all_steps(self) -> list:
     return sorted(self.manager.all_steps())
@@ -148,13 +151,31 @@ class Checkpointer:
     ocp = self._ocp
     self.wait()  # the previous save is complete: only then may older ones go
     host = jax.tree_util.tree_map(np.array, jax.device_get(state))  # a copy the next step cannot donate
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(e, step) from None
     self._prune()
 
   def wait(self) -> None:
-    """Blocks until the pending save is on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until the pending save is on disk (OSError if it failed, e.g. a full disk)."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (raised from orbax's thread)
+      raise self._save_error(e, None) from None
+
+  def _save_error(self, e: BaseException, step) -> Exception:
+    """An OSError naming the directory (or a one-line CheckpointError) for a failed save."""
+    cause, seen = e, set()
+    while cause is not None and id(cause) not in seen:
+      seen.add(id(cause))
+      if isinstance(cause, OSError) and cause.errno is not None:
+        return OSError(cause.errno, f"{cause.strerror} (saving a checkpoint)",
+                       cause.filename or self.directory)
+      cause = cause.__cause__ or cause.__context__
+    where = self.path(step) if step is not None else self.directory
+    return CheckpointError(f"{where}: saving the checkpoint failed ({_first_line(e)})")
 
   def restore_meta(self, step: int) -> dict:
     ocp = self._ocp

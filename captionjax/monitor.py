@@ -104,7 +104,7 @@ def plot_curves(workdir: str) -> list:
   if steps:
     ax.plot(steps, values, "o-", label="validation loss")
   ax.set_xlabel("step")
-  ax.set_ylabel("cross-entropy per token")
+  ax.set_ylabel("loss (captions: cross-entropy per token)")
   ax.set_yscale("log")
   ax.grid(alpha=0.3)
   if phases or steps:

@@ -441,7 +441,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
   t_start = time.time()
   say = lambda msg: print(msg, file=sys.stderr, flush=True)
   check_workdir(workdir)
-  ckpt = Checkpointer(workdir, config.keep_checkpoints)
+  ckpt = Checkpointer(workdir, config.keep_checkpoints, cleanup=True)
   latest = ckpt.latest_step()
   if latest is not None:  # said first, before the slow parts
     say(f"resuming from step {latest}: {ckpt.path(latest)}")
