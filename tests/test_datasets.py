@@ -491,7 +491,7 @@ def test_karpathy_layout_trains_end_to_end(tmp_path):
       "eval_num_images=1", "checkpoint_every_steps=4", "log_every_steps=2"])
   workdir = str(tmp_path / "run")
   result = train.train_and_evaluate(c, workdir, progress=False)
-  assert "CIDEr" in result and result["beam_size"] == 2
+  assert "CIDEr" in result and result["splits"]["beam_size"] == 2
   caps = json.load(open(os.path.join(workdir, "captions.json"), encoding="utf-8"))
   assert [c["image_id"] for c in caps] == [1003]  # the one test image, by its COCO id
   log = [json.loads(line) for line in open(os.path.join(workdir, "train_log.jsonl"))]

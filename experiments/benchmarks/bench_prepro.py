@@ -114,7 +114,8 @@ def main():
     else:
       paths = make_images(root, args.images, width, height)
     mb = sum(os.path.getsize(p) for p in paths) / 2 ** 20
-    print(f"{len(paths)} {width}x{height} files ({mb / len(paths) * 1024:.0f} KiB "
+    what = f"files from {args.photos_dir}" if args.photos_dir else f"{width}x{height} JPEGs"
+    print(f"{len(paths)} {what} ({mb / len(paths) * 1024:.0f} KiB "
           f"each) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     items = [{"file_path": os.path.basename(p), "captions": CAPTIONS} for p in paths]
     out = os.path.join(tmp, "out")
