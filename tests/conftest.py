@@ -9,6 +9,19 @@ import pytest  # pylint: disable=g-import-not-at-top
 TINY_SPLITS = {"train": 96, "val": 20, "test": 20, "novel": 10}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+  """One persistent JAX compilation cache per session, also handed to the
+  `captionjax train` subprocesses (JAX_COMPILATION_CACHE_DIR): they load what
+  this process compiled (trained_workdir) instead of compiling it again."""
+  import jax
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
   """A tiny shapes data set, generated and preprocessed (64 px)."""
@@ -83,7 +96,8 @@ def trained_workdir(tmp_path_factory, shapes_dir):
   monitor.Logger.log = log
   try:
     with jax.log_compiles(True):
-      rc = cli.main(["train", f"--workdir={workdir}", "--no_progress", *tiny_args(shapes_dir)])
+      rc = cli.main(["train", f"--workdir={workdir}", "--no_progress",
+                     *tiny_args(shapes_dir, extra_test_splits=())])
   finally:
     monitor.Logger.log = orig_log
     jax_logger.removeHandler(handler)

@@ -38,9 +38,9 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def _train(workdir, shapes_dir, tmp_path, name, script=None, env=None, **overrides):
-  """Starts `captionjax train` on the tiny recipe; output goes to tmp_path/NAME.log."""
-  cache = str(tmp_path / "jax_cache")
+def _train(workdir, shapes_dir, tmp_path, name, cache, script=None, env=None, **overrides):
+  """Starts `captionjax train` on the tiny recipe (the same as trained_workdir's);
+  output goes to tmp_path/NAME.log."""
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
@@ -48,7 +48,7 @@ def _train(workdir, shapes_dir, tmp_path, name, script=None, env=None, **overrid
   prog = ["-c", script] if script else ["-m", "captionjax.cli"]
   log = open(tmp_path / f"{name}.log", "w", encoding="utf-8")  # pylint: disable=consider-using-with
   cmd = [sys.executable, *prog, "train", f"--workdir={workdir}", "--no_progress",
-         *tiny_args(shapes_dir, **overrides)]
+         *tiny_args(shapes_dir, extra_test_splits=(), **overrides)]
   return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), tmp_path / f"{name}.log"
 
 
@@ -88,11 +88,13 @@ def _wait(proc, cond, timeout, what):
     time.sleep(0.05)
 
 
-def test_kill9_mid_save_then_sigterm_then_exact_resume(tmp_path, shapes_dir, trained_workdir):
+def test_kill9_mid_save_then_sigterm_then_exact_resume(tmp_path, shapes_dir, trained_workdir,
+                                                       jax_compilation_cache):
   workdir = str(tmp_path / "run")
+  cache = jax_compilation_cache
 
   # 1. SIGKILL in the middle of saving step 20: checkpoint 10 must stay intact.
-  proc, out = _train(workdir, shapes_dir, tmp_path, "1_kill9", script=KILL_DURING_SAVE,
+  proc, out = _train(workdir, shapes_dir, tmp_path, "1_kill9", cache, script=KILL_DURING_SAVE,
                      env={"KILL_AT_SAVE": "20"})
   assert proc.wait(timeout=600) == -signal.SIGKILL, _text(out)
   assert "SIGKILL while saving 20.orbax-checkpoint-tmp" in _text(out), _text(out)
@@ -104,7 +106,7 @@ def test_kill9_mid_save_then_sigterm_then_exact_resume(tmp_path, shapes_dir, tra
   # training makes it checkpoint and exit at once. (It logs every step, to be
   # signalled early, between two regular checkpoints; logging changes no numbers.)
   logged = len(_log(workdir))  # the killed run got further than its last checkpoint
-  proc, out = _train(workdir, shapes_dir, tmp_path, "2_sigterm", log_every_steps=1)
+  proc, out = _train(workdir, shapes_dir, tmp_path, "2_sigterm", cache, log_every_steps=1)
   _wait(proc, lambda: any("loss" in r for r in _log(workdir)[logged:]),
         600, "a caption step after the resume")
   proc.send_signal(signal.SIGTERM)
@@ -123,7 +125,7 @@ def test_kill9_mid_save_then_sigterm_then_exact_resume(tmp_path, shapes_dir, tra
       os.path.join(workdir, "checkpoints"))), "the unfinished save of step 20 was not cleaned up"
 
   # 3. The same command resumes from there and ends exactly as the uninterrupted run.
-  proc, out = _train(workdir, shapes_dir, tmp_path, "3_finish")
+  proc, out = _train(workdir, shapes_dir, tmp_path, "3_finish", cache)
   assert proc.wait(timeout=600) == 0, _text(out)
   first_lines = [l for l in _text(out).splitlines() if l.strip()][:2]
   assert any(f"resuming from step {stopped}" in l for l in first_lines), _text(out)
