@@ -12,6 +12,14 @@ The run has up to two phases, counted by one global step:
 At the end the test split (and `extra_test_splits`) is captioned with beam
 search into WORKDIR/captions.json and scored into WORKDIR/scores.json.
 
+Running the same command again resumes exactly from the latest checkpoint
+(state, step, RNG and input position; see captionjax/checkpoints.py), after
+`kill -9` too. SIGTERM or SIGINT saves a checkpoint and exits (128 + signal);
+a NaN/Inf loss, or one above 20x the first (NeuralTalk2's rule), stops the
+run and keeps the good checkpoints. `--start_from=OTHER_WORKDIR` starts from
+another run's model. Monitoring (captionjax/monitor.py): a progress bar,
+train_log.jsonl, TensorBoard, and WORKDIR/plots/*.png.
+
 Dimensions: B images per batch, S captions per image, L = max_length + 2,
 D CNN feature size, V vocabulary size, G grid cells a side.
 """
