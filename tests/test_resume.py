@@ -245,3 +245,33 @@ def _first_loss(workdir):
   meta = ckpt.restore_meta(ckpt.latest_step())
   ckpt.close()
   return meta["first_loss"]["caption"]
+
+
+def test_a_failed_save_is_one_oserror_naming_the_directory(tmp_path):
+  """A full disk surfaces from orbax's background thread wrapped in other
+  exceptions; the Checkpointer turns it into an OSError the CLI prints on one line."""
+  import errno
+  import jax.numpy as jnp
+  from captionjax import checkpoints
+  from captionjax import train
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=2)
+  ckpt.save(1, {"x": jnp.arange(3.0)}, {"step": 1})
+  ckpt.wait()
+
+  def full(*args, **kwargs):
+    del args, kwargs
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as e:
+      raise RuntimeError("async save failed") from e
+
+  ckpt.manager.wait_until_finished = full
+  with pytest.raises(OSError) as e:
+    ckpt.wait()
+  assert e.value.errno == errno.ENOSPC and e.value.filename == ckpt.directory
+  message = train._os_error_message(e.value, str(tmp_path))
+  assert message.startswith(ckpt.directory) and "No space left on device" in message
+  assert "\n" not in message
+  del ckpt.manager.wait_until_finished
+  ckpt.close()
+  assert checkpoints.Checkpointer(str(tmp_path), keep=2).all_steps() == [1]

@@ -216,6 +216,10 @@ def test_train_writes_logs_tensorboard_captions_and_scores(trained_workdir, shap
   assert {"loss", "learning_rate", "images_per_s", "val_loss"} <= tags, tags
   assert any(t.startswith("val_samples") for t in tags), tags
 
+  # The best checkpoint by validation CIDEr is recorded beside the checkpoints.
+  best = json.load(open(os.path.join(trained_workdir, "checkpoints", "best.json"), encoding="utf-8"))
+  assert best["metric"] == "val_CIDEr" and sorted(best["scores"]) == ["20", "30"], best
+
   # PNG plots of the training loss and the validation scores.
   for name in ("loss.png", "val_scores.png"):
     with open(os.path.join(trained_workdir, "plots", name), "rb") as f:
