@@ -24,6 +24,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+VERSION = 2  # bumped whenever the generated images or captions change (cache key)
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 COLORS = {  # name -> RGB
     "red": (220, 30, 30), "green": (40, 180, 60), "blue": (40, 80, 230),
@@ -40,15 +41,15 @@ CAPTIONS_PER_IMAGE = 5
 MAX_WORDS = 16  # every caption fits NeuralTalk2's default max_length
 
 _WHERE = {  # (row, col) -> phrases
-    (0, 0): ("in the top left corner", "at the top left"),
-    (0, 1): ("at the top", "at the top center"),
-    (0, 2): ("in the top right corner", "at the top right"),
-    (1, 0): ("on the left", "on the left side"),
-    (1, 1): ("in the center", "in the middle"),
-    (1, 2): ("on the right", "on the right side"),
-    (2, 0): ("in the bottom left corner", "at the bottom left"),
-    (2, 1): ("at the bottom", "at the bottom center"),
-    (2, 2): ("in the bottom right corner", "at the bottom right"),
+    (0, 0): ("in the top left corner", "at the top left", "in the upper left corner"),
+    (0, 1): ("at the top", "at the top center", "near the top"),
+    (0, 2): ("in the top right corner", "at the top right", "in the upper right corner"),
+    (1, 0): ("on the left", "on the left side", "at the left"),
+    (1, 1): ("in the center", "in the middle", "at the center"),
+    (1, 2): ("on the right", "on the right side", "at the right"),
+    (2, 0): ("in the bottom left corner", "at the bottom left", "in the lower left corner"),
+    (2, 1): ("at the bottom", "at the bottom center", "near the bottom"),
+    (2, 2): ("in the bottom right corner", "at the bottom right", "in the lower right corner"),
 }
 _COUNT = {1: "one", 2: "two", 3: "three"}
 DEFAULT_SPLITS = {"train": 8000, "val": 500, "test": 1000, "novel": 500}
@@ -160,7 +161,11 @@ def _np(o: dict, rng, size_p=0.6) -> str:
 
 
 def _where(o: dict, rng) -> str:
-  return _WHERE[(o["row"], o["col"])][rng.integers(2)]
+  return _pick(_WHERE[(o["row"], o["col"])], rng)
+
+
+def _pick(options, rng):
+  return options[rng.integers(len(options))]
 
 
 def _relation(a: dict, b: dict) -> str | None:
@@ -175,6 +180,14 @@ def _relation(a: dict, b: dict) -> str | None:
   return None
 
 
+_RELATION_WORDS = {"to the left of": ("to the left of", "left of"),
+                   "to the right of": ("to the right of", "right of"),
+                   "above": ("above", "over"), "below": ("below", "under", "beneath")}
+_LEADS = ("a picture of", "an image of", "a photo of", "a drawing of")
+_WITH = ("a picture with", "an image with", "a dark background with", "an image showing",
+         "a photo showing")
+
+
 def _join(parts: list[str]) -> str:
   if len(parts) == 1:
     return parts[0]
@@ -182,10 +195,11 @@ def _join(parts: list[str]) -> str:
 
 
 def _one_caption(objs: list[dict], rng) -> str:
+  """One caption in one of several phrasings (object order shuffled)."""
   order = list(rng.permutation(len(objs)))
   objs = [objs[i] for i in order]
   n = len(objs)
-  kind = rng.integers(6)
+  kind = rng.integers(8)
   if kind == 0:
     return _join([_np(o, rng) for o in objs])
   if kind == 1:
@@ -193,20 +207,26 @@ def _one_caption(objs: list[dict], rng) -> str:
   if kind == 2 and n >= 2:
     rel = _relation(objs[0], objs[1])
     if rel:
-      s = f"{_np(objs[0], rng, 0.3)} {rel} {_np(objs[1], rng, 0.3)}"
+      s = f"{_np(objs[0], rng, 0.3)} {_pick(_RELATION_WORDS[rel], rng)} {_np(objs[1], rng, 0.3)}"
       if n == 3:
         s += f" and {_np(objs[2], rng, 0.0)}"
       return s
   if kind == 3:
     verb = "is" if n == 1 else "are"
-    return f"there {verb} {_join([_np(o, rng, 0.4) for o in objs])}"
+    lead = _pick((f"there {verb}", "we can see", "you can see"), rng)
+    return f"{lead} {_join([_np(o, rng, 0.4) for o in objs])}"
   if kind == 4:
     noun = "shape" if n == 1 else "shapes"
-    lead = ("a picture of", "an image of", "")[rng.integers(3)]
+    lead = _pick(_LEADS + ("",), rng)
     s = f"{_COUNT[n]} {noun} {_join([_np(o, rng, 0.2) for o in objs])}"
     return f"{lead} {s}".strip()
-  head = ("a picture of", "an image with", "a dark background with")[rng.integers(3)]
-  return f"{head} {_join([_np(o, rng, 0.5) for o in objs])}"
+  if kind == 5:
+    return f"{_pick(_WITH, rng)} {_join([_np(o, rng, 0.5) for o in objs])}"
+  if kind == 6:
+    return f"{_join([_np(o, rng, 0.5) for o in objs])} on a dark background"
+  if kind == 7 and n >= 2:
+    return f"{_np(objs[0], rng, 0.5)} with {_join([_np(o, rng, 0.3) for o in objs[1:]])}"
+  return f"{_pick(_LEADS, rng)} {_join([_np(o, rng, 0.5) for o in objs])}"
 
 
 def captions_for(objects: list[dict], rng, count: int = CAPTIONS_PER_IMAGE) -> list[str]:

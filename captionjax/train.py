@@ -111,7 +111,8 @@ def data_dir_for(config) -> str:
     cache = s.cache_dir or os.environ.get(
         "CAPTIONJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "captionjax"))
     splits = {"train": s.num_train, "val": s.num_val, "test": s.num_test, "novel": s.num_novel}
-    name = f"shapes-{s.image_size}px-seed{s.seed}-" + "-".join(str(v) for v in splits.values())
+    name = (f"shapes-v{shapes.VERSION}-{s.image_size}px-seed{s.seed}-"
+            + "-".join(str(v) for v in splits.values()))
     return shapes.prepare(os.path.join(cache, name), splits, s.image_size, s.seed)
   if not os.path.isdir(config.dataset):
     raise FileNotFoundError(f"dataset {config.dataset!r}: no such directory "
@@ -146,7 +147,8 @@ def make_models(config, vocab_size: int):
   m = config.model
   kwargs = dict(vocab_size=vocab_size, input_encoding_size=m.input_encoding_size,
                 rnn_size=m.rnn_size, num_layers=m.num_layers,
-                drop_prob_lm=m.drop_prob_lm, rnn_type=m.rnn_type)
+                drop_prob_lm=m.drop_prob_lm, rnn_type=m.rnn_type,
+                image_every_step=m.get("image_every_step", False))
   cnn_kwargs = m.cnn_kwargs.to_dict()
   if m.get("cnn_weights"):  # imported VGG16 weights: the input normalization they expect
     from captionjax import weights  # pylint: disable=g-import-not-at-top
@@ -166,9 +168,12 @@ class ObjectHeads:
   """Per-cell object classifiers on grid-pooled CNN features (CNN pretraining).
 
   features [B, G*G*C] -> logits shape [B, G, G, 7], color [B, G, G, 7], size [B, G, G, 2].
+  With `hidden` > 0 a per-cell Dense + ReLU comes first; with 0 the heads are
+  linear (the CNN's own per-cell fc layer, `cell_fc`, then plays that part, as
+  VGG's classifier sits on fc7).
   """
 
-  def __init__(self, grid: int):
+  def __init__(self, grid: int, hidden: int = 256):
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     from captionjax import shapes  # pylint: disable=g-import-not-at-top
 
@@ -177,7 +182,8 @@ class ObjectHeads:
       def __call__(self, feats):
         b = feats.shape[0]
         x = feats.reshape(b, grid, grid, -1)  # -> [B, G, G, C]
-        x = nn.relu(nn.Dense(256, name="hidden")(x))
+        if hidden:
+          x = nn.relu(nn.Dense(hidden, name="hidden")(x))
         return {"shape": nn.Dense(len(shapes.SHAPES) + 1, name="shape")(x),
                 "color": nn.Dense(len(shapes.COLORS), name="color")(x),
                 "size": nn.Dense(len(shapes.SIZES), name="size")(x)}
@@ -596,7 +602,10 @@ def _train_and_evaluate(config, workdir, progress, start_from, ckpt, latest, sto
   if started_from:  # the CNN comes from the other run
     pretrain = 0
   total_steps = pretrain + config.num_train_steps
-  heads = ObjectHeads(config.model.cnn_kwargs.get("grid", 1)).module if pretrain else None
+  heads = None
+  if pretrain:  # linear heads on the CNN's own per-cell fc layer, else a hidden layer
+    hidden = 0 if config.model.cnn_kwargs.get("cell_fc", 0) else 256
+    heads = ObjectHeads(config.model.cnn_kwargs.get("grid", 1), hidden).module
   tx_pre = pretrain_optimizer(config)
   tx_lm, lr_schedule = lm_optimizer(config)
   tx_cnn = cnn_optimizer(config)

@@ -16,7 +16,7 @@ import pytest
 from captionjax.losses import masked_cross_entropy
 from captionjax.models.captioner import Captioner
 from captionjax.models.lm import LanguageModel
-from captionjax.models.vgg import VGG16, SmallVGG, space_to_depth
+from captionjax.models.vgg import VGG16, SmallVGG, adaptive_pool, space_to_depth
 
 END_ID = 0
 
@@ -192,11 +192,13 @@ def test_gradients_equal_finite_differences(rnn_type):
                                    atol=1e-9)
 
 
-@pytest.mark.parametrize("rnn_type,num_layers", [("lstm", 2), ("rnn", 1)])
-def test_scan_equals_step_loop(rnn_type, num_layers):
+@pytest.mark.parametrize("rnn_type,num_layers,every_step", [
+    ("lstm", 2, False), ("rnn", 1, False), ("lstm", 1, True)])
+def test_scan_equals_step_loop(rnn_type, num_layers, every_step):
   v, b, t = 9, 3, 6
   lm = LanguageModel(vocab_size=v, input_encoding_size=8, rnn_size=7,
-                     num_layers=num_layers, rnn_type=rnn_type)
+                     num_layers=num_layers, rnn_type=rnn_type,
+                     image_every_step=every_step)
   rng = np.random.default_rng(4)
   img_emb = jnp.asarray(rng.normal(size=(b, 8)), jnp.float32)
   inputs = jnp.asarray(rng.integers(0, v + 1, (b, t)), jnp.int32)
@@ -215,10 +217,14 @@ def test_scan_equals_step_loop(rnn_type, num_layers):
   scanned = jax.jit(lm.apply)(variables, img_emb, inputs)
   assert scanned.shape == (b, t, v + 1)
   np.testing.assert_allclose(scanned, loop(variables), rtol=1e-5, atol=1e-6)
-  # The carry has one entry per layer: (c, h) for the LSTM, h for the RNN.
+  # The carry has one entry per layer: (c, h) for the LSTM, h for the RNN;
+  # with the image at every step it also holds the image embedding.
   carry = jax.eval_shape(lambda v: lm.apply(v, img_emb,
                                             method=LanguageModel.start),
                          variables)
+  if every_step:
+    carry, img_part = carry
+    assert img_part.shape == (b, 8)
   assert len(carry) == num_layers
   for leaf in jax.tree_util.tree_leaves(carry):
     assert leaf.shape == (b, 7)
@@ -392,6 +398,44 @@ def test_small_vgg_shapes(pool, size, dim):
   fmap = jax.eval_shape(
       lambda v, x: model.apply(v, x, method=SmallVGG.features), variables, x)
   assert fmap.shape == (2, size // 16, size // 16, 256)
+
+
+def test_image_every_step_feeds_the_image_to_later_steps():
+  v, b = 9, 2
+  rng = np.random.default_rng(5)
+  img_emb = jnp.asarray(rng.normal(size=(b, 8)), jnp.float32)
+  tokens = jnp.asarray([3, 4], jnp.int32)
+  logits = {}
+  for every_step in (False, True):
+    lm = LanguageModel(vocab_size=v, input_encoding_size=8, rnn_size=7,
+                       image_every_step=every_step)
+    variables = lm.init(key(0), img_emb, tokens[:, None])
+    carry = lm.apply(variables, img_emb, method=LanguageModel.start)
+    if every_step:  # same cell state, another image in the carry
+      other = (carry[0], jnp.zeros_like(img_emb))
+    else:
+      other = carry
+    _, a = lm.apply(variables, carry, tokens, method=LanguageModel.step)
+    _, c = lm.apply(variables, other, tokens, method=LanguageModel.step)
+    logits[every_step] = (a, c)
+  np.testing.assert_allclose(*logits[False])
+  assert not np.allclose(*logits[True])
+
+
+def test_small_vgg_cell_fc():
+  # The per-cell fc layer maps each grid cell alone: [B, g*g*F].
+  model = SmallVGG(widths=(8, 16), pool="grid", grid=3, pool_last=False, cell_fc=5)
+  x = jnp.asarray(np.random.default_rng(9).random((2, 32, 32, 3)), jnp.float32)
+  variables = jax.jit(model.init)(key(0), x)
+  kernel = variables["params"]["cell_fc_dense"]["kernel"]
+  assert kernel.shape == (16, 5)
+  out = jax.jit(model.apply)(variables, x)
+  assert out.shape == (2, 3 * 3 * 5)
+  fmap = model.apply(variables, x, method=SmallVGG.features)  # -> [2, 4, 4, 16]
+  pooled = adaptive_pool(fmap, 3)  # -> [2, 3, 3, 16]
+  bias = variables["params"]["cell_fc_dense"]["bias"]
+  want = np.maximum(np.asarray(pooled) @ np.asarray(kernel) + np.asarray(bias), 0)
+  np.testing.assert_allclose(out, want.reshape(2, -1), rtol=1e-5, atol=1e-6)
 
 
 def test_small_vgg_batch_norm_statistics():

@@ -41,11 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.cnn_kwargs.pool = "grid"  # grid-pooled features keep where things are
   c.model.cnn_kwargs.grid = 3  # cells a side of the pooling grid
   c.model.cnn_kwargs.pool_last = False  # keep the last block's resolution (8x8 at 64 px)
+  c.model.cnn_kwargs.cell_fc = 0  # a per-cell fc layer (1x1 conv) after the grid pooling (0 = none)
   c.model.input_encoding_size = 256  # image and word embedding size
   c.model.rnn_size = 256  # LSTM hidden size
   c.model.num_layers = 1  # stacked recurrent layers
   c.model.drop_prob_lm = 0.2  # dropout in the language model
   c.model.rnn_type = "lstm"  # "lstm" or "rnn"
+  c.model.image_every_step = False  # also add the image embedding to every word input
 
   # ---- CNN pretraining on the data set's object labels (shapes only; 0 = off)
   c.cnn_pretrain_steps = 1200  # steps of object recognition before captioning

@@ -49,6 +49,7 @@ class Captioner(nn.Module):
   num_layers: int = 1
   drop_prob_lm: float = 0.5
   rnn_type: str = "lstm"
+  image_every_step: bool = False  # see LanguageModel.image_every_step
 
   def setup(self):
     self.lm = LanguageModel(
@@ -57,7 +58,8 @@ class Captioner(nn.Module):
         rnn_size=self.rnn_size,
         num_layers=self.num_layers,
         drop_prob_lm=self.drop_prob_lm,
-        rnn_type=self.rnn_type)
+        rnn_type=self.rnn_type,
+        image_every_step=self.image_every_step)
 
   @nn.compact
   def encode(self, images: jax.Array, train: bool = False) -> jax.Array:

@@ -86,6 +86,10 @@ class LanguageModel(nn.Module):
   num_layers: int = 1
   drop_prob_lm: float = 0.5
   rnn_type: str = "lstm"  # "lstm" or "rnn"
+  # False: the image is seen at the first step only (NeuralTalk2). True: its
+  # embedding is also added to the word embedding at every step (the carry
+  # then holds it: (cell carries, img_emb [B, E])).
+  image_every_step: bool = False
 
   def setup(self):
     if self.rnn_type not in CELLS:
@@ -117,12 +121,17 @@ class LanguageModel(nn.Module):
     carry = tuple(cell.initial_carry(batch_size, img_emb.dtype)
                   for cell in self.cells)
     carry, _ = self._core(carry, img_emb, train)
-    return carry
+    return (carry, img_emb) if self.image_every_step else carry
 
   def step(self, carry, tokens: jax.Array, train: bool = False):
     """One decoding step: tokens [B] int32 -> (carry, logits [B, V+1])."""
     x = self.embed(tokens)  # -> [B, E]
+    if self.image_every_step:
+      carry, img_emb = carry
+      x = x + img_emb
     carry, h = self._core(carry, x, train)
+    if self.image_every_step:
+      carry = (carry, img_emb)
     h = self.dropout(h, deterministic=not train)
     logits = self.logit(h)  # -> [B, V+1]
     return carry, logits

@@ -171,19 +171,25 @@ class SmallVGG(nn.Module):
   grid: int = 2  # g, for pool="grid"
   grid_reduce: str = "max"  # how a grid cell is pooled: "max" or "mean"
   pool_last: bool = True  # False keeps the last block's resolution (no pool)
+  cell_fc: int = 0  # pool="grid": a per-cell Dense + ReLU of this width (0 = none)
   bn_momentum: float = 0.9
 
-  @nn.compact
+  def setup(self):
+    for block, width in enumerate(self.widths, start=1):
+      for i in range(1, self.convs_per_block + 1):
+        setattr(self, f"block{block}_conv{i}",
+                nn.Conv(width, (3, 3), padding="SAME", use_bias=False))
+        setattr(self, f"block{block}_bn{i}", nn.BatchNorm(momentum=self.bn_momentum))
+    if self.cell_fc:
+      self.cell_fc_dense = nn.Dense(self.cell_fc)
+
   def features(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, h, w, 3] -> feature map [B, h', w', C] (C = widths[-1])."""
     x = space_to_depth(x, self.s2d_factor)  # -> [B, h/2, w/2, 12]
-    for block, width in enumerate(self.widths, start=1):
+    for block in range(1, len(self.widths) + 1):
       for i in range(1, self.convs_per_block + 1):
-        x = nn.Conv(width, (3, 3), padding="SAME", use_bias=False,
-                    name=f"block{block}_conv{i}")(x)
-        x = nn.BatchNorm(use_running_average=not train,
-                         momentum=self.bn_momentum,
-                         name=f"block{block}_bn{i}")(x)
+        x = getattr(self, f"block{block}_conv{i}")(x)
+        x = getattr(self, f"block{block}_bn{i}")(x, use_running_average=not train)
         x = nn.relu(x)
       if self.pool_last or block < len(self.widths):
         x = _max_pool(x)  # -> [B, h/2, w/2, width]
@@ -197,7 +203,10 @@ class SmallVGG(nn.Module):
       return jnp.concatenate([x.max(axis=(1, 2)), x.mean(axis=(1, 2))],
                              axis=-1)  # -> [B, 2C]
     if self.pool == "grid":
-      return adaptive_pool(x, self.grid, self.grid_reduce).reshape(b, -1)  # -> [B, g*g*C]
+      x = adaptive_pool(x, self.grid, self.grid_reduce)  # -> [B, g, g, C]
+      if self.cell_fc:  # VGG's fc layers, one per cell (a 1x1 convolution)
+        x = nn.relu(self.cell_fc_dense(x))  # -> [B, g, g, F]
+      return x.reshape(b, -1)  # -> [B, g*g*C] (or [B, g*g*F])
     if self.pool == "flatten":
       return x.reshape(b, h * w * c)  # -> [B, h'*w'*C]
     raise ValueError(f"pool must be one of {SMALL_VGG_POOLS}, "
