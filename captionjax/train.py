@@ -148,7 +148,8 @@ def make_models(config, vocab_size: int):
   kwargs = dict(vocab_size=vocab_size, input_encoding_size=m.input_encoding_size,
                 rnn_size=m.rnn_size, num_layers=m.num_layers,
                 drop_prob_lm=m.drop_prob_lm, rnn_type=m.rnn_type,
-                image_every_step=m.get("image_every_step", False))
+                image_every_step=m.get("image_every_step", False),
+                attention_regions=m.get("attention_regions", 0))
   cnn_kwargs = m.cnn_kwargs.to_dict()
   if m.get("cnn_weights"):  # imported VGG16 weights: the input normalization they expect
     from captionjax import weights  # pylint: disable=g-import-not-at-top

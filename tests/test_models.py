@@ -400,6 +400,46 @@ def test_small_vgg_shapes(pool, size, dim):
   assert fmap.shape == (2, size // 16, size // 16, 256)
 
 
+def test_attention_scan_equals_step_loop_and_uses_every_region():
+  v, b, t, p = 9, 3, 5, 4
+  lm = LanguageModel(vocab_size=v, input_encoding_size=8, rnn_size=7, attention=True)
+  rng = np.random.default_rng(6)
+  regions = jnp.asarray(rng.normal(size=(b, p, 8)), jnp.float32)
+  inputs = jnp.asarray(rng.integers(0, v + 1, (b, t)), jnp.int32)
+  variables = jax.jit(lm.init)(key(0), regions, inputs)
+
+  def loop(regions):
+    carry = lm.apply(variables, regions, method=LanguageModel.start)
+    out = []
+    for i in range(t):
+      carry, logits = lm.apply(variables, carry, inputs[:, i], method=LanguageModel.step)
+      out.append(logits)
+    return jnp.stack(out, axis=1)  # -> [B, T, V+1]
+
+  scanned = jax.jit(lm.apply)(variables, regions, inputs)
+  np.testing.assert_allclose(scanned, loop(regions), rtol=1e-5, atol=1e-6)
+  # Changing one region changes the logits of every step (attention weights
+  # are a softmax: every region has a share) but only of its own image.
+  changed = regions.at[1, p - 1].add(1.0)
+  diff = np.abs(np.asarray(loop(changed) - scanned)).max(axis=-1)  # -> [B, T]
+  assert (diff[1] > 1e-6).all() and (diff[[0, 2]] < 1e-6).all()
+
+
+def test_captioner_attention_regions_embed_each_cell_with_its_position():
+  model = Captioner(vocab_size=5, cnn="none", input_encoding_size=6, rnn_size=4,
+                    attention_regions=3)
+  feats = jnp.asarray(np.random.default_rng(7).normal(size=(2, 3 * 4)), jnp.float32)
+  captions = jnp.zeros((2, 2, 5), jnp.int32)
+  variables = model.init(key(0), feats, captions)
+  p = variables["params"]["img_embed"]
+  assert set(variables["params"]) == {"img_embed", "lm"}
+  emb = model.apply(variables, feats, method=Captioner.encode)  # -> [2, 3, 6]
+  want = np.maximum(np.asarray(feats).reshape(2, 3, 4) @ np.asarray(p["kernel"])
+                    + np.asarray(p["bias"]) + np.asarray(p["pos"]), 0)
+  np.testing.assert_allclose(emb, want, rtol=1e-5, atol=1e-6)
+  assert model.apply(variables, feats, captions).shape == (2, 2, 4, 6)
+
+
 def test_image_every_step_feeds_the_image_to_later_steps():
   v, b = 9, 2
   rng = np.random.default_rng(5)

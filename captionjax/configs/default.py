@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.drop_prob_lm = 0.2  # dropout in the language model
   c.model.rnn_type = "lstm"  # "lstm" or "rnn"
   c.model.image_every_step = False  # also add the image embedding to every word input
+  c.model.attention_regions = 0  # P > 0: attend over the CNN's P grid cells (grid ** 2)
 
   # ---- CNN pretraining on the data set's object labels (shapes only; 0 = off)
   c.cnn_pretrain_steps = 1200  # steps of object recognition before captioning

@@ -36,6 +36,23 @@ CNNS = {"vgg16": VGG16, "small_vgg": SmallVGG}
 NO_CNN = "none"  # the inputs are precomputed CNN features [B, D]
 
 
+class RegionEmbed(nn.Module):
+  """NeuralTalk2's image embedding applied to each region, plus its position.
+
+  x [B, P, C] -> ReLU(x W + b + pos[p]) [B, P, E]: one Dense shared by the
+  regions, and a learned [P, E] position table, since captions say where.
+  """
+  features: int  # E
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    pos = self.param("pos", nn.initializers.normal(0.02), (x.shape[-2], self.features))
+    return nn.relu(x @ kernel + bias + pos)  # -> [B, P, E]
+
+
 class Captioner(nn.Module):
   """CNN -> Dense + ReLU (img_embed) -> LanguageModel, as NeuralTalk2.
 
@@ -50,6 +67,10 @@ class Captioner(nn.Module):
   drop_prob_lm: float = 0.5
   rnn_type: str = "lstm"
   image_every_step: bool = False  # see LanguageModel.image_every_step
+  # P > 0: the CNN features [B, P*C] are P regions of C (a grid-pooled CNN's
+  # cells, row-major); each is embedded with its own position and the LM
+  # attends over them (LanguageModel.attention). 0: NeuralTalk2's one vector.
+  attention_regions: int = 0
 
   def setup(self):
     self.lm = LanguageModel(
@@ -59,11 +80,14 @@ class Captioner(nn.Module):
         num_layers=self.num_layers,
         drop_prob_lm=self.drop_prob_lm,
         rnn_type=self.rnn_type,
-        image_every_step=self.image_every_step)
+        image_every_step=self.image_every_step,
+        attention=self.attention_regions > 0)
 
   @nn.compact
   def encode(self, images: jax.Array, train: bool = False) -> jax.Array:
     """Images [B, h, w, 3] (or features [B, D] with cnn="none") -> [B, E].
+
+    With attention_regions P > 0: -> [B, P, E].
 
     The CNN runs once per image; callers tile the result over captions/beams.
     """
@@ -77,6 +101,13 @@ class Captioner(nn.Module):
     if x.ndim != 2:
       raise ValueError(f"the CNN features must be [B, D], got {x.shape}; "
                        "pick a pooled output (e.g. VGG16 output='fc7')")
+    p = self.attention_regions
+    if p:
+      if x.shape[-1] % p:
+        raise ValueError(f"attention_regions={p} does not divide the CNN feature size "
+                         f"{x.shape[-1]}")
+      x = x.reshape(x.shape[0], p, -1)  # -> [B, P, C]
+      return RegionEmbed(self.input_encoding_size, name="img_embed")(x)  # -> [B, P, E]
     return nn.relu(nn.Dense(self.input_encoding_size, name="img_embed")(x))
 
   def decode_start(self, img_emb: jax.Array, train: bool = False):

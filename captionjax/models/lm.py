@@ -7,6 +7,7 @@ Dimensions, used in every docstring and shape comment of this module:
      the START input token and as padding), so the output has V+1 classes
   E  input encoding size (word embedding and image embedding)
   H  rnn size
+  P  image regions (with `attention`: the cells of a grid-pooled CNN)
 
 A caption is decoded as in NeuralTalk2: the image embedding is fed at a first
 step whose output is dropped (`start`), then START (id 0), then the words; the
@@ -90,6 +91,12 @@ class LanguageModel(nn.Module):
   # embedding is also added to the word embedding at every step (the carry
   # then holds it: (cell carries, img_emb [B, E])).
   image_every_step: bool = False
+  # True: the image is P region vectors [B, P, E] instead of one [B, E]. The
+  # first step sees their mean; every word step adds a soft-attention average
+  # of them (Show, Attend and Tell's additive attention), queried by the
+  # previous top hidden state and the current word. The carry then holds
+  # (cell carries, regions [B, P, E], their attention keys [B, P, E]).
+  attention: bool = False
 
   def setup(self):
     if self.rnn_type not in CELLS:
@@ -101,6 +108,19 @@ class LanguageModel(nn.Module):
                   for _ in range(self.num_layers)]
     self.dropout = nn.Dropout(self.drop_prob_lm)
     self.logit = nn.Dense(self.vocab_size + 1)
+    if self.attention:
+      self.att_key = nn.Dense(self.input_encoding_size)
+      self.att_query = nn.Dense(self.input_encoding_size, use_bias=False)
+      self.att_score = nn.Dense(1, use_bias=False)
+
+  def _attend(self, carry, x: jax.Array) -> jax.Array:
+    """The attention context [B, E] for word input x [B, E]."""
+    cells, regions, keys = carry
+    h = cells[-1][1] if self.rnn_type == "lstm" else cells[-1]  # top h [B, H]
+    query = self.att_query(jnp.concatenate([h, x], axis=-1))  # -> [B, E]
+    scores = self.att_score(jnp.tanh(keys + query[:, None]))[..., 0]  # -> [B, P]
+    weights = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bp,bpe->be", weights, regions)  # -> [B, E]
 
   def _core(self, carry, x: jax.Array, train: bool):
     """One step of the layer stack: x [B, E] -> (carry, top h [B, H])."""
@@ -115,23 +135,32 @@ class LanguageModel(nn.Module):
   def start(self, img_emb: jax.Array, train: bool = False):
     """Runs the first step on the image embedding [B, E] -> carry.
 
+    With `attention`, img_emb is the regions [B, P, E].
+
     The output of this step is not used (no loss there), as in NeuralTalk2.
     """
     batch_size = img_emb.shape[0]
     carry = tuple(cell.initial_carry(batch_size, img_emb.dtype)
                   for cell in self.cells)
+    if self.attention:  # img_emb: regions [B, P, E]
+      carry, _ = self._core(carry, img_emb.mean(axis=1), train)
+      return carry, img_emb, self.att_key(img_emb)
     carry, _ = self._core(carry, img_emb, train)
     return (carry, img_emb) if self.image_every_step else carry
 
   def step(self, carry, tokens: jax.Array, train: bool = False):
     """One decoding step: tokens [B] int32 -> (carry, logits [B, V+1])."""
     x = self.embed(tokens)  # -> [B, E]
-    if self.image_every_step:
-      carry, img_emb = carry
-      x = x + img_emb
-    carry, h = self._core(carry, x, train)
-    if self.image_every_step:
-      carry = (carry, img_emb)
+    if self.attention:
+      x = x + self._attend(carry, x)
+      cells, h = self._core(carry[0], x, train)
+      carry = (cells,) + carry[1:]
+    elif self.image_every_step:
+      cells, img_emb = carry
+      cells, h = self._core(cells, x + img_emb, train)
+      carry = (cells, img_emb)
+    else:
+      carry, h = self._core(carry, x, train)
     h = self.dropout(h, deterministic=not train)
     logits = self.logit(h)  # -> [B, V+1]
     return carry, logits
