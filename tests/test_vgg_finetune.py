@@ -54,7 +54,10 @@ def setup(shapes_dir):
     batches.append({"image": b["image"], "captions": b["captions"], "mask": b["mask"],
                     "row": b["row"]})
   cnn, lm, tx_lm, tx_cnn, state = build(config, data)
-  dim = 9 * config.model.cnn_kwargs.widths[-1]  # grid 3 pooling
+  size = data.images.shape[1]
+  dim = jax.eval_shape(lambda p, bs, x: cnn.apply(train.cnn_variables(p, bs), x),
+                       state["params"]["cnn"], state["batch_stats"],
+                       jnp.zeros((1, size, size, 3))).shape[-1]  # D of the CNN's features
   compiled = {}
   for mode in MODES:
     b = strip(dict(batches[0], features=np.zeros((8, dim), np.float32)), mode)
