@@ -137,6 +137,17 @@ def images_to_input(images: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------- models
 
 
+def attention_regions(model_config) -> int:
+  """P, the regions the LM attends over: the cells of the CNN's pooling grid (0: none)."""
+  if not model_config.get("attention", False):
+    return 0
+  kw = model_config.cnn_kwargs
+  if model_config.cnn != "small_vgg" or kw.get("pool") != "grid":
+    raise ValueError("config.model.attention needs model.cnn='small_vgg' with "
+                     "model.cnn_kwargs.pool='grid' (the regions are its grid cells)")
+  return kw.get("grid", 2) ** 2
+
+
 def make_models(config, vocab_size: int):
   """(cnn, lm, full): the CNN alone, the captioner on features, the whole captioner.
 
@@ -149,7 +160,7 @@ def make_models(config, vocab_size: int):
                 rnn_size=m.rnn_size, num_layers=m.num_layers,
                 drop_prob_lm=m.drop_prob_lm, rnn_type=m.rnn_type,
                 image_every_step=m.get("image_every_step", False),
-                attention_regions=m.get("attention_regions", 0))
+                attention_regions=attention_regions(m))
   cnn_kwargs = m.cnn_kwargs.to_dict()
   if m.get("cnn_weights"):  # imported VGG16 weights: the input normalization they expect
     from captionjax import weights  # pylint: disable=g-import-not-at-top

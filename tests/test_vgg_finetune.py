@@ -200,7 +200,7 @@ def test_training_starts_from_imported_weights(mini_dir, tmp_path):
                        checkpoint_every_steps=1, eval_batch_size=4)
   config.model.cnn = "vgg16"
   config.model.cnn_kwargs = {"output": "fc7"}
-  config.model.attention_regions = 0  # one fc7 vector per image, as NeuralTalk2
+  config.model.attention = False  # one fc7 vector per image, as NeuralTalk2
   config.model.cnn_weights = wdir
   config.extra_test_splits = ()
   cnn, _, _ = train.make_models(config, 10)

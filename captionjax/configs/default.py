@@ -7,7 +7,7 @@ with data generation and compilation): the CNN first learns to recognize the
 objects (the data set knows them: shape, color and size per grid cell), is
 then frozen, and the LSTM is trained on its features, computed once per
 image. One change to NeuralTalk2's model: the LSTM attends over the CNN's
-3 x 3 grid cells at every word (`attention_regions`); with the image seen at
+3 x 3 grid cells at every word (`model.attention`); with the image seen at
 the first step only, the LSTM names the colors but binds them to the wrong
 shapes. `configs/neuraltalk2.py` keeps NeuralTalk2's exact model. Measured
 results are in the README.
@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.drop_prob_lm = 0.2  # dropout in the language model
   c.model.rnn_type = "lstm"  # "lstm" or "rnn"
   c.model.image_every_step = False  # also add the image embedding to every word input
-  c.model.attention_regions = 9  # P > 0: attend over the CNN's P grid cells (grid ** 2)
+  c.model.attention = True  # attend over the CNN's grid cells at every word (needs pool="grid")
 
   # ---- CNN pretraining on the data set's object labels (shapes only; 0 = off)
   c.cnn_pretrain_steps = 600  # steps of object recognition before captioning

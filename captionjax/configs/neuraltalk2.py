@@ -15,7 +15,7 @@ from captionjax.configs import default
 
 def get_config():
   c = default.get_config()
-  c.model.attention_regions = 0  # the image at the first step only
+  c.model.attention = False  # the image at the first step only
   c.model.image_every_step = False  # (NeuralTalk2 never feeds it again)
   c.model.input_encoding_size = 512  # NeuralTalk2's input_encoding_size
   c.model.rnn_size = 512  # NeuralTalk2's rnn_size
