@@ -24,7 +24,6 @@ Dimensions: B images per batch, S captions per image, L = max_length + 2,
 D CNN feature size, V vocabulary size, G grid cells a side.
 """
 
-import functools
 import json
 import os
 import signal
@@ -556,7 +555,6 @@ def check_workdir(workdir: str) -> None:
 def _train_and_evaluate(config, workdir, progress, start_from, ckpt, latest, stop, t_start,
                         say) -> dict:
   """train_and_evaluate's body, with the checkpointer and signal handlers in place."""
-  import optax  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 

@@ -31,15 +31,16 @@ def _caption_batch(shapes_dir, n_images, seq_per_img):
 # ---------------------------------------------------------------- the loss
 
 
-def test_first_loss_is_log_vocabulary(shapes_dir):
+@pytest.mark.parametrize("attention", [True, False])
+def test_first_loss_is_log_vocabulary(shapes_dir, attention):
   """An untrained LSTM predicts nearly uniformly: loss ~ log(V + 1) (NeuralTalk2's check)."""
   from captionjax import train
   from captionjax import vocab as vocab_lib
-  config = tiny_config(shapes_dir)
+  config = tiny_config(shapes_dir, model__attention=attention)
   vocab = vocab_lib.Vocabulary.load(shapes_dir)
   _, lm, _ = train.make_models(config, len(vocab))
   batch, _ = _caption_batch(shapes_dir, 8, 5)
-  feats = jax.random.normal(jax.random.PRNGKey(1), (8, 64))
+  feats = jax.random.normal(jax.random.PRNGKey(1), (8, 9 * 8))  # 3 x 3 cells of 8
   params = lm.init(jax.random.PRNGKey(0), feats, jnp.asarray(batch["captions"]))["params"]
   loss_sum, count = train._caption_loss(lm, params, feats, batch, False, None)
   loss = float(loss_sum / count)
@@ -68,7 +69,7 @@ def test_overfits_a_handful_of_captions(shapes_dir):
   vocab = vocab_lib.Vocabulary.load(shapes_dir)
   cnn, lm, _ = train.make_models(config, len(vocab))
   batch, _ = _caption_batch(shapes_dir, 5, 1)
-  batch["features"] = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (5, 64)))
+  batch["features"] = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (5, 9 * 8)))
   tx_lm, _ = train.lm_optimizer(config)
   tx_cnn = train.cnn_optimizer(config)
   params = dict(lm.init(jax.random.PRNGKey(0), batch["features"],

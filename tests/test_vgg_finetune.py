@@ -165,7 +165,7 @@ def test_finetune_cnn_after_schedule(mini_dir, tmp_path):
 
 
 def test_cnn_weights_config_errors(shapes_dir, tmp_path):
-  config = tiny_config(shapes_dir)
+  config = tiny_config(shapes_dir, model__attention=False)  # VGG16: no grid cells
   config.model.cnn_weights = str(tmp_path)
   with pytest.raises(ValueError, match="cnn='vgg16'"):
     train.make_models(config, 10)

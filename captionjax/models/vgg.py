@@ -47,6 +47,17 @@ def normalize_input(x: jax.Array, preprocess: str) -> jax.Array:
   raise ValueError(f"preprocess must be one of {VGG16_PREPROCESS}, got {preprocess!r}")
 
 
+def vgg16_flops(size: int = 224) -> float:
+  """FLOPs (2 x multiply-adds) of VGG16's 13 convolutions, fc6 and fc7 for one image."""
+  flops, c_in, side = 0.0, 3, size
+  for widths in VGG16_BLOCKS:
+    for width in widths:
+      flops += 2.0 * side * side * 9 * c_in * width
+      c_in = width
+    side //= 2
+  return flops + 2.0 * side * side * c_in * VGG16_FC_SIZE + 2.0 * VGG16_FC_SIZE ** 2
+
+
 def _max_pool(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (2, 2), strides=(2, 2))  # -> [B, h/2, w/2, C]
 

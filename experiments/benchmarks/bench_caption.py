@@ -42,20 +42,9 @@ from captionjax import configs  # pylint: disable=g-import-not-at-top,wrong-impo
 from captionjax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from captionjax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from captionjax import vocab as vocab_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from captionjax.models.vgg import VGG16_BLOCKS, VGG16_FC_SIZE  # pylint: disable=g-import-not-at-top,wrong-import-position
+from captionjax.models.vgg import vgg16_flops  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MAX_LENGTH = 16  # NeuralTalk2's default
-
-
-def vgg16_flops(size: int = 224) -> float:
-  """Multiply-adds x 2 of VGG16's convolutions, fc6 and fc7 for one image."""
-  flops, c_in, side = 0.0, 3, size
-  for widths in VGG16_BLOCKS:
-    for width in widths:
-      flops += 2.0 * side * side * 9 * c_in * width
-      c_in = width
-    side //= 2
-  return flops + 2.0 * side * side * c_in * VGG16_FC_SIZE + 2.0 * VGG16_FC_SIZE ** 2
 
 
 def interleaved(fns: dict, repeats: int) -> dict:

@@ -26,24 +26,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from captionjax.models.vgg import VGG16, VGG16_BLOCKS, VGG16_FC_SIZE  # pylint: disable=g-import-not-at-top,wrong-import-position
+from captionjax.models.vgg import VGG16, vgg16_flops  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SIZE = 224
-
-
-def vgg16_forward_flops(size: int = SIZE) -> float:
-  """Multiply-adds x 2 of VGG16's 13 convolutions, fc6 and fc7 for one image."""
-  flops, c_in, side = 0.0, 3, size
-  for widths in VGG16_BLOCKS:
-    for width in widths:
-      flops += 2.0 * side * side * 9 * c_in * width
-      c_in = width
-    side //= 2
-  flops += 2.0 * side * side * c_in * VGG16_FC_SIZE + 2.0 * VGG16_FC_SIZE * VGG16_FC_SIZE
-  return flops
 
 
 def timed(fn, repeats: int, budget_s: float = float("inf")) -> tuple[float, int]:
@@ -82,7 +69,7 @@ def bench(batch_sizes, variants, repeats, budget_s):
         params = jax.jit(model.init)(jax.random.key(0), x[:1])
       for kind, fn, factor in (("forward", fwd, 1.0), ("forward+backward", grad, 3.0)):
         t, runs = timed(lambda: fn(params, x), repeats, budget_s)
-        gflops = factor * vgg16_forward_flops() * b / t / 1e9
+        gflops = factor * vgg16_flops() * b / t / 1e9
         rows.append({"variant": variant, "batch": b, "pass": kind, "seconds": t, "runs": runs,
                      "images_per_s": b / t, "gflops": gflops})
         print(f"  {variant:9s} batch {b:3d} {kind:17s} {t:8.3f} s  {b / t:7.2f} images/s  "
@@ -104,7 +91,7 @@ def main():
   variants = args.variants.split(",")
   print(f"{jax.devices()[0].device_kind} x {jax.device_count()}, {os.cpu_count()} CPUs; "
         f"median of {args.repeats} after a warm-up; VGG16 forward "
-        f"{vgg16_forward_flops() / 1e9:.1f} GFLOP/image", flush=True)
+        f"{vgg16_flops() / 1e9:.1f} GFLOP/image", flush=True)
   peak_before = matmul_peak(args.matmul_size, max(args.repeats, 5))
   print(f"matmul peak ({args.matmul_size}^3 float32): {peak_before:.1f} GFLOP/s", flush=True)
   rows = bench(batch_sizes, variants, args.repeats, args.budget_s)
@@ -121,7 +108,7 @@ def main():
     with open(args.output, "w", encoding="utf-8") as f:
       json.dump({"device": jax.devices()[0].device_kind, "matmul_peak_gflops": peak,
                  "matmul_peak_before_after": [peak_before, peak_after],
-                 "forward_gflop_per_image": vgg16_forward_flops() / 1e9, "rows": rows}, f, indent=1)
+                 "forward_gflop_per_image": vgg16_flops() / 1e9, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
