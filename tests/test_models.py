@@ -141,17 +141,18 @@ def test_overfit_a_few_captions(cnn):
   assert float(last_eval) < 0.1, last_eval
 
 
-@pytest.mark.parametrize("rnn_type", ["lstm", "rnn"])
-def test_gradients_equal_finite_differences(rnn_type):
+@pytest.mark.parametrize("rnn_type,attention", [("lstm", False), ("rnn", False),
+                                                ("lstm", True)])
+def test_gradients_equal_finite_differences(rnn_type, attention):
   # In float64, central differences along random directions of all the
   # parameters and of the image embedding, and along single coordinates,
   # match the autodiff gradient. (NumPy for the perturbations: few compiles.)
   with jax.enable_x64(True):
     v, b, t = 7, 3, 5
     lm = LanguageModel(vocab_size=v, input_encoding_size=6, rnn_size=5,
-                       num_layers=2, rnn_type=rnn_type)
+                       num_layers=2, rnn_type=rnn_type, attention=attention)
     rng = np.random.default_rng(3)
-    img_emb = rng.normal(size=(b, 6))
+    img_emb = rng.normal(size=(b, 4, 6) if attention else (b, 6))  # 4 regions
     inputs = jnp.asarray(rng.integers(0, v + 1, (b, t)), jnp.int32)
     targets = jnp.asarray(rng.integers(0, v + 1, (b, t)), jnp.int32)
     mask = jnp.asarray(rng.random((b, t)) < 0.8, jnp.float64)

@@ -14,8 +14,10 @@ step whose output is dropped (`start`), then START (id 0), then the words; the
 model predicts the words, then END (`step`, once per token).
 
 The recurrent state (the "carry") is a tuple with one entry per layer: `(c, h)`
-for the LSTM, `h` for the plain RNN, each [B, H]. Any code that reorders the
-batch (beam search) can treat it as a pytree with leading dimension B.
+for the LSTM, `h` for the plain RNN, each [B, H]; with `image_every_step` or
+`attention` it also carries the image (see those fields). Any code that
+reorders the batch (beam search) can treat it as a pytree with leading
+dimension B.
 
 Dropout uses the rng collection "dropout" (only when `train=True`).
 """
