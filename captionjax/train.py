@@ -143,7 +143,8 @@ def attention_regions(model_config) -> int:
   kw = model_config.cnn_kwargs
   if model_config.cnn != "small_vgg" or kw.get("pool") != "grid":
     raise ValueError("config.model.attention needs model.cnn='small_vgg' with "
-                     "model.cnn_kwargs.pool='grid' (the regions are its grid cells)")
+                     "model.cnn_kwargs.pool='grid' (the regions are its grid cells); "
+                     "for other CNNs set --config.model.attention=False")
   return kw.get("grid", 2) ** 2
 
 

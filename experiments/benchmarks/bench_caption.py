@@ -83,6 +83,7 @@ def make_model(name: str) -> inference.Model:
     import ml_collections  # pylint: disable=g-import-not-at-top
     config.model.cnn = "vgg16"
     config.model.cnn_kwargs = ml_collections.ConfigDict({"output": "fc7"})
+    config.model.attention = False  # one fc7 vector per image, as NeuralTalk2
     config.model.input_encoding_size = config.model.rnn_size = 512
     config.crop_size = 224
     words, image_size = 9487, 256
