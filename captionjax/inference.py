@@ -156,11 +156,11 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> Model:
   image_size, max_length = _image_geometry(config, meta)
   cnn, lm, _ = train.make_models(config, len(vocab))
   params = state["params"]
-  if not all(k in params for k in ("cnn", "img_embed", "lm")):
+  if not all(k in params for k in ("cnn",) + train.LM_KEYS):
     raise CheckpointError(f"{ckpt.directory}/{step}: parameters lack a captioner "
                           f"(have {sorted(params)})")
   return Model(config=config, vocab=vocab, cnn=cnn, lm=lm,
-               params={k: params[k] for k in ("cnn", "img_embed", "lm")},
+               params={k: params[k] for k in ("cnn",) + train.LM_KEYS},
                batch_stats=state.get("batch_stats") or {},
                image_size=image_size, input_size=config.crop_size or image_size,
                max_length=max_length, step=int(meta.get("step", step)), workdir=workdir)
@@ -384,7 +384,7 @@ def _token_log_probs_fn(model: Model):
     def fn(params, batch_stats, images, captions):
       feats = model.cnn.apply(train.cnn_variables(params["cnn"], batch_stats),
                               train.images_to_input(images), train=False)  # -> [B, D]
-      lm_params = {"params": {k: params[k] for k in ("img_embed", "lm")}}
+      lm_params = {"params": {k: params[k] for k in train.LM_KEYS}}
       logits = model.lm.apply(lm_params, feats, captions, train=False)  # -> [B, C, L-1, V+1]
       logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
       return jnp.take_along_axis(logp, captions[..., 1:, None], axis=-1)[..., 0]

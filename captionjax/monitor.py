@@ -81,6 +81,14 @@ def _series(records, key, phase=None):
   return steps, [by_step[s] for s in steps]
 
 
+def _save(plt, fig, path: str) -> str:
+  """Writes a figure as PNG, frees it, returns the path."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
 def plot_curves(workdir: str) -> list:
   """Draws plots/loss.png and plots/val_scores.png from the log; returns their paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -109,11 +117,7 @@ def plot_curves(workdir: str) -> list:
   ax.grid(alpha=0.3)
   if phases or steps:
     ax.legend()
-  path = os.path.join(out_dir, "loss.png")
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  written.append(path)
+  written.append(_save(plt, fig, os.path.join(out_dir, "loss.png")))
 
   fig, ax = plt.subplots(figsize=(7, 4))
   drawn = False
@@ -127,11 +131,7 @@ def plot_curves(workdir: str) -> list:
   ax.grid(alpha=0.3)
   if drawn:
     ax.legend()
-  path = os.path.join(out_dir, "val_scores.png")
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  written.append(path)
+  written.append(_save(plt, fig, os.path.join(out_dir, "val_scores.png")))
   return written
 
 

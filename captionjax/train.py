@@ -45,6 +45,7 @@ ALLOW_EXTRA_ARGS = True  # --config.FIELD=VALUE overrides
 LOG_FILE = monitor.LOG_FILE
 DIVERGENCE_FACTOR = 20.0  # stop when the loss exceeds this x the first loss (NeuralTalk2)
 PHASE_PRETRAIN, PHASE_CAPTION = "cnn_pretrain", "caption"
+LM_KEYS = ("img_embed", "lm")  # the captioner's parameters besides the CNN's
 
 
 def add_arguments(p):
@@ -295,12 +296,11 @@ def make_caption_step(cnn, lm, tx_lm, tx_cnn, mode: str):
   "finetune": the CNN trains too, with its own optimizer.
   """
   import optax  # pylint: disable=g-import-not-at-top
-  lm_keys = ("img_embed", "lm")
 
   def step(state, batch, rng):
     rng = jax.random.fold_in(rng, state["step"])
     params = state["params"]
-    trainable = {k: params[k] for k in lm_keys + (("cnn",) if mode == "finetune" else ())}
+    trainable = {k: params[k] for k in LM_KEYS + (("cnn",) if mode == "finetune" else ())}
 
     def loss_fn(tp):
       bs = state["batch_stats"]
@@ -314,13 +314,13 @@ def make_caption_step(cnn, lm, tx_lm, tx_cnn, mode: str):
         out = cnn.apply(cnn_variables(tp["cnn"], bs), images_to_input(batch["image"]),
                         train=True, rngs={"dropout": jax.random.fold_in(rng, 1)}, **kw)
         feats, bs = (out[0], out[1]["batch_stats"]) if bs else (out, bs)
-      loss_sum, count = _caption_loss(lm, {k: tp[k] for k in lm_keys}, feats, batch, True, rng)
+      loss_sum, count = _caption_loss(lm, {k: tp[k] for k in LM_KEYS}, feats, batch, True, rng)
       return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count, bs)
 
     grads, (loss_sum, count, bs) = jax.grad(loss_fn, has_aux=True)(trainable)
     opt = dict(state["opt_state"])
-    lm_part = {k: trainable[k] for k in lm_keys}
-    upd, opt["lm"] = tx_lm.update({k: grads[k] for k in lm_keys}, opt["lm"], lm_part)
+    lm_part = {k: trainable[k] for k in LM_KEYS}
+    upd, opt["lm"] = tx_lm.update({k: grads[k] for k in LM_KEYS}, opt["lm"], lm_part)
     new_params = dict(params, **optax.apply_updates(lm_part, upd))
     if mode == "finetune":
       upd, opt["cnn"] = tx_cnn.update(grads["cnn"], opt["cnn"], params["cnn"])
@@ -337,7 +337,7 @@ def make_eval_step(cnn, lm, mode: str):
   def step(params, batch_stats, batch):
     feats = batch["features"] if mode == "features" else cnn.apply(
         cnn_variables(params["cnn"], batch_stats), images_to_input(batch["image"]), train=False)
-    lm_params = {k: params[k] for k in ("img_embed", "lm")}
+    lm_params = {k: params[k] for k in LM_KEYS}
     loss_sum, count = _caption_loss(lm, lm_params, feats, batch, False, None)
     return {"loss_sum": loss_sum, "count": count}
   return step
@@ -356,7 +356,7 @@ def make_generate(cnn, lm, mode: str, beam_size: int, max_length: int, length_pe
   def generate(params, batch_stats, x, rng=None):
     feats = x if mode == "features" else cnn.apply(
         cnn_variables(params["cnn"], batch_stats), images_to_input(x), train=False)
-    v = {"params": {k: params[k] for k in ("img_embed", "lm")}}
+    v = {"params": {k: params[k] for k in LM_KEYS}}
     emb = lm.apply(v, feats, method=Captioner.encode)  # -> [B, E]
     carry = lm.apply(v, emb, method=Captioner.decode_start)
     step_fn = lambda c, t: lm.apply(v, c, t, method=Captioner.decode_step)
@@ -628,7 +628,7 @@ def _train_and_evaluate(config, workdir, progress, start_from, ckpt, latest, sto
             "opt_state": tx_pre.init(p)}
 
   def caption_state(p, bs, step):
-    lm_part = {k: p[k] for k in ("img_embed", "lm")}
+    lm_part = {k: p[k] for k in LM_KEYS}
     return {"step": jnp.int32(step), "params": p, "batch_stats": bs,
             "opt_state": {"lm": tx_lm.init(lm_part), "cnn": tx_cnn.init(p["cnn"])}}
 
