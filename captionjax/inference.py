@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from captionjax import checkpoints
 from captionjax import images as images_lib
 from captionjax import vocab as vocab_lib
 
@@ -132,7 +133,7 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> Model:
     raise CheckpointError(str(e)) from None
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise CheckpointError(f"{workdir}: no checkpoints/ directory (training has not saved one yet)")
-  ckpt = train.Checkpointer(workdir, keep=10**6)
+  ckpt = checkpoints.Checkpointer(workdir, keep=10**6)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:

@@ -443,16 +443,7 @@ def human_ceiling(refs: dict, image_ids) -> dict:
   return {"CIDEr": s["CIDEr"], "Bleu_4": s["Bleu_4"]}
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-Checkpointer = ckpt_lib.Checkpointer  # moved to captionjax/checkpoints.py
-
-
 # ---------------------------------------------------------------- the loop
-
-
-Logger = monitor.Logger  # moved to captionjax/monitor.py
 
 
 def train_and_evaluate(config, workdir: str, progress: bool = True,
@@ -467,7 +458,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
   t_start = time.time()
   say = lambda msg: print(msg, file=sys.stderr, flush=True)
   check_workdir(workdir)
-  ckpt = Checkpointer(workdir, config.keep_checkpoints, cleanup=True)
+  ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, cleanup=True)
   latest = ckpt.latest_step()
   if latest is not None:  # said first, before the slow parts
     say(f"resuming from step {latest}: {ckpt.path(latest)}")
@@ -503,7 +494,7 @@ def load_start_from(other: str, config, vocab, params, batch_stats, say):
   """
   if not os.path.isdir(os.path.join(other, "checkpoints")):
     raise ckpt_lib.CheckpointError(f"--start_from={other}: no checkpoints/ directory there")
-  src = Checkpointer(other, keep=10**6)  # opened read-only: saves nothing, prunes nothing
+  src = ckpt_lib.Checkpointer(other, keep=10**6)  # opened read-only: saves nothing, prunes nothing
   try:
     step = src.latest_step()
     if step is None:
@@ -653,7 +644,7 @@ def _train_and_evaluate(config, workdir, progress, start_from, ckpt, latest, sto
         f"{position})")
   check_free_space(workdir, state)
   state = jax.device_put(state, replicated)
-  logger = Logger(workdir)
+  logger = monitor.Logger(workdir)
   saved_step = latest
 
   def save(state, phase):

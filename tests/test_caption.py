@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from captionjax import checkpoints
 from captionjax import cli
 from captionjax import inference
 from captionjax import vocab as vocab_lib
@@ -43,7 +44,7 @@ def write_workdir(workdir: str, model: inference.Model, step: int = 7) -> str:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(model.config.to_json_best_effort(indent=1))
   model.vocab.save(os.path.join(workdir, "vocab.json"))
-  ckpt = train.Checkpointer(workdir, keep=2)
+  ckpt = checkpoints.Checkpointer(workdir, keep=2)
   state = {"step": np.int32(step), "params": model.params, "batch_stats": model.batch_stats}
   ckpt.save(step, state, {"step": step, "phase": train.PHASE_CAPTION,
                           "vocab_size": len(model.vocab), "image_size": model.image_size,

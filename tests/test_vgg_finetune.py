@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from captionjax import checkpoints
 from captionjax import input_pipeline
 from captionjax import train
 from captionjax import vocab as vocab_lib
@@ -145,7 +146,7 @@ def mini_dir(tmp_path_factory):
 
 
 def restore_params(workdir, step):
-  ckpt = train.Checkpointer(workdir, 10)
+  ckpt = checkpoints.Checkpointer(workdir, 10)
   state = ckpt.restore(step, None)  # as saved
   ckpt.close()
   return jax.device_get(state["params"])

@@ -81,7 +81,7 @@ def main():
   sys.path.insert(0, os.path.join(HERE, "..", ".."))
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from captionjax import cli, train  # pylint: disable=g-import-not-at-top
+  from captionjax import checkpoints, cli  # pylint: disable=g-import-not-at-top
   from captionjax import weights  # pylint: disable=g-import-not-at-top
 
   w = args.workdir
@@ -116,7 +116,7 @@ def main():
       return rc
 
   # The CNN started from the imported weights, stayed frozen, then moved.
-  ckpt = train.Checkpointer(run, 10)
+  ckpt = checkpoints.Checkpointer(run, 10)
   cnn = {s: jax.device_get(ckpt.restore(s, None)["params"]["cnn"]) for s in (args.frozen_steps, steps)}
   ckpt.close()
   imported, _ = weights.load(wdir)
