@@ -20,6 +20,8 @@ import jax
 import numpy as np
 
 BEST_FILE = "best.json"
+# The training phases a checkpoint can be of (its meta "phase").
+PHASE_PRETRAIN, PHASE_CAPTION = "cnn_pretrain", "caption"
 
 
 class CheckpointError(ValueError):
@@ -191,6 +193,85 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# ---------------------------------------------------------------- a run's checkpoints
+
+
+def read_meta(ckpt: Checkpointer, step: int) -> dict:
+  """The `meta` item of checkpoint `step` (CheckpointError, one line, if unreadable)."""
+  try:
+    return ckpt.restore_meta(step)
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+    raise CheckpointError(f"{ckpt.path(step)}: unreadable checkpoint ({_first_line(e)})") from None
+
+
+def restore_state(ckpt: Checkpointer, step: int, target):
+  """The train state of checkpoint `step`, shaped as `target` (CheckpointError if not)."""
+  try:
+    return ckpt.restore(step, target)
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+    raise CheckpointError(f"{ckpt.path(step)}: cannot restore ({_first_line(e)}): "
+                          "use a new --workdir or delete that step") from None
+
+
+def load_start_from(other: str, config, vocab, params, batch_stats, say):
+  """(params, batch_stats) with what another run's latest checkpoint has of them.
+
+  The model and vocabulary must match; the optimizer state and the step are
+  not taken (NeuralTalk2's -start_from).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(os.path.join(other, "checkpoints")):
+    raise CheckpointError(f"--start_from={other}: no checkpoints/ directory there")
+  src = Checkpointer(other, keep=10**6)  # opened read-only: saves nothing, prunes nothing
+  try:
+    step = src.latest_step()
+    if step is None:
+      raise CheckpointError(f"--start_from={other}: no checkpoint saved there yet")
+    meta = read_meta(src, step)
+    check_compatible(meta, config, vocab, f"--start_from={src.path(step)}")
+    try:
+      saved = src.restore(step, None)  # as saved: numpy arrays
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"--start_from={src.path(step)}: cannot restore "
+                            f"({_first_line(e)})") from None
+  finally:
+    src.manager.close()
+  params = dict(params)
+  loaded = [k for k in params if k in saved["params"]]
+  for k in loaded:
+    params[k] = jax.tree_util.tree_map(lambda a, b: jnp.asarray(b, a.dtype),
+                                       params[k], saved["params"][k])
+  if saved.get("batch_stats"):
+    batch_stats = jax.tree_util.tree_map(lambda a, b: jnp.asarray(b, a.dtype),
+                                         batch_stats, saved["batch_stats"])
+  say(f"start_from: {', '.join(loaded)} from {src.path(step)} ({meta.get('phase')} phase, "
+      f"step {step}); optimizer and step start afresh")
+  return params, batch_stats
+
+
+def check_free_space(workdir: str, state, factor: float = 2.0) -> None:
+  """OSError(ENOSPC) if the workdir cannot hold `factor` checkpoints of `state`."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  need = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state)) * factor
+  free = shutil.disk_usage(workdir).free
+  if free < need:
+    raise OSError(errno.ENOSPC, f"no space left on device: {free / 2**20:.0f} MiB free, "
+                  f"{factor:g} checkpoints need about {need / 2**20:.0f} MiB", workdir)
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` and checks that a file can be written there (OSError if not)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(e.errno, f"--workdir is not writable ({e.strerror})", workdir) from None
 
 
 # ---------------------------------------------------------------- preemption

@@ -22,6 +22,24 @@ SUBCOMMANDS = {
 }
 
 
+def os_error_line(e: OSError, default_name: str) -> str:
+  """One line for an OSError, naming its file (or `default_name` when it has none)."""
+  import errno  # pylint: disable=g-import-not-at-top
+  if e.filename is None and e.strerror is None:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  name = e.filename if e.filename is not None else default_name
+  hint = " (free some space, or use another --workdir)" if e.errno == errno.ENOSPC else ""
+  return f"{name}: {e.strerror or e}{hint}"
+
+
+def error_line(e: Exception, default_name: str) -> str:
+  """One line for a known error: its message's first line (OSErrors name their file)."""
+  if isinstance(e, OSError):
+    return os_error_line(e, default_name)
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="captionjax", description=__doc__.splitlines()[0])

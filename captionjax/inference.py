@@ -31,6 +31,7 @@ import numpy as np
 from captionjax import checkpoints
 from captionjax import images as images_lib
 from captionjax import vocab as vocab_lib
+from captionjax.models import build
 
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
@@ -122,7 +123,6 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> Model:
       pretraining phase (no language model yet).
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from captionjax import train  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise CheckpointError(f"--checkpoint={workdir}: no such directory")
   config = ml_collections.ConfigDict(
@@ -139,7 +139,7 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> Model:
     if step is None:
       raise CheckpointError(f"{ckpt.directory}: no checkpoint saved yet")
     meta = ckpt.restore_meta(step)
-    if meta.get("phase") == train.PHASE_PRETRAIN:
+    if meta.get("phase") == checkpoints.PHASE_PRETRAIN:
       raise CheckpointError(
           f"{ckpt.directory}/{step}: a CNN-pretraining checkpoint (no language model yet); "
           "let training reach the caption phase")
@@ -155,13 +155,13 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> Model:
     raise CheckpointError(f"{workdir}: vocab.json has {len(vocab)} words, the checkpoint "
                           f"{meta.get('vocab_size')}")
   image_size, max_length = _image_geometry(config, meta)
-  cnn, lm, _ = train.make_models(config, len(vocab))
+  cnn, lm, _ = build.make_models(config, len(vocab))
   params = state["params"]
-  if not all(k in params for k in ("cnn",) + train.LM_KEYS):
+  if not all(k in params for k in ("cnn",) + build.LM_KEYS):
     raise CheckpointError(f"{ckpt.directory}/{step}: parameters lack a captioner "
                           f"(have {sorted(params)})")
   return Model(config=config, vocab=vocab, cnn=cnn, lm=lm,
-               params={k: params[k] for k in ("cnn",) + train.LM_KEYS},
+               params={k: params[k] for k in ("cnn",) + build.LM_KEYS},
                batch_stats=state.get("batch_stats") or {},
                image_size=image_size, input_size=config.crop_size or image_size,
                max_length=max_length, step=int(meta.get("step", step)), workdir=workdir)
@@ -176,8 +176,7 @@ def random_model(config, vocab: vocab_lib.Vocabulary, image_size: int, max_lengt
   and variances), so that nothing is compiled: flax's own init of VGG16
   compiles for minutes on a busy CPU.
   """
-  from captionjax import train  # pylint: disable=g-import-not-at-top
-  cnn, lm, _ = train.make_models(config, len(vocab))
+  cnn, lm, _ = build.make_models(config, len(vocab))
   size = config.crop_size or image_size
   rng = jax.random.PRNGKey(0)
   dummy = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
@@ -219,7 +218,6 @@ class BatchCaptioner:
 
   def __init__(self, model: Model, batch_size: int = 16, beam_size: int = 2, n_best: int = 1,
                temperature: float = 0.0, length_penalty: float = 0.0, seed: int = 0):
-    from captionjax import train  # pylint: disable=g-import-not-at-top
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if beam_size < 1:
@@ -235,7 +233,8 @@ class BatchCaptioner:
     self.temperature = temperature
     self._rng = jax.random.PRNGKey(seed)
     self._calls = 0
-    fn = train.make_generate(model.cnn, model.lm, "frozen", beam_size, model.max_length + 1,
+    from captionjax import steps  # pylint: disable=g-import-not-at-top
+    fn = steps.make_generate(model.cnn, model.lm, "frozen", beam_size, model.max_length + 1,
                              length_penalty, temperature=temperature)
     self._fn = jax.jit(fn)
     self._params = jax.device_put(model.params)
@@ -379,13 +378,12 @@ def token_log_probs(model: Model, images: np.ndarray, captions: np.ndarray) -> n
 
 
 def _token_log_probs_fn(model: Model):
-  from captionjax import train  # pylint: disable=g-import-not-at-top
   cache = model.__dict__.setdefault("_jit_cache", {})
   if "token_logp" not in cache:
     def fn(params, batch_stats, images, captions):
-      feats = model.cnn.apply(train.cnn_variables(params["cnn"], batch_stats),
-                              train.images_to_input(images), train=False)  # -> [B, D]
-      lm_params = {"params": {k: params[k] for k in train.LM_KEYS}}
+      feats = model.cnn.apply(build.cnn_variables(params["cnn"], batch_stats),
+                              build.images_to_input(images), train=False)  # -> [B, D]
+      lm_params = {"params": {k: params[k] for k in build.LM_KEYS}}
       logits = model.lm.apply(lm_params, feats, captions, train=False)  # -> [B, C, L-1, V+1]
       logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
       return jnp.take_along_axis(logp, captions[..., 1:, None], axis=-1)[..., 0]

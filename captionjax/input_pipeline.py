@@ -115,6 +115,33 @@ def load_split(data_dir: str, split: str, decode: bool | None = None) -> SplitDa
 # Each works eagerly and inside tf.data; `seed` is a stateless seed [2].
 
 
+def data_dir_for(config) -> str:
+  """The prepro directory of the configured data set (generating shapes if needed)."""
+  if config.dataset == "shapes":
+    from captionjax import shapes  # pylint: disable=g-import-not-at-top
+    s = config.shapes
+    cache = s.cache_dir or os.environ.get(
+        "CAPTIONJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "captionjax"))
+    splits = {"train": s.num_train, "val": s.num_val, "test": s.num_test, "novel": s.num_novel}
+    name = (f"shapes-v{shapes.VERSION}-{s.image_size}px-seed{s.seed}-"
+            + "-".join(str(v) for v in splits.values()))
+    return shapes.prepare(os.path.join(cache, name), splits, s.image_size, s.seed)
+  if not os.path.isdir(config.dataset):
+    raise FileNotFoundError(f"dataset {config.dataset!r}: no such directory "
+                            "(give 'shapes' or the output directory of `captionjax prepro`)")
+  return config.dataset
+
+
+def load_config_split(config, data_dir: str, split: str) -> SplitData:
+  """load_split, with the config's `blank_images` ablation (every image black)."""
+  data = load_split(data_dir, split)
+  if config.blank_images:
+    data.images = np.zeros_like(data.images) if data.decoded else data.images
+    if not data.decoded:
+      raise ValueError("blank_images needs a data set small enough to decode in memory")
+  return data
+
+
 def select_captions(ex: dict, seq_per_img: int, seed=None) -> dict:
   """Picks `seq_per_img` of the image's captions: a random subset in training
   (with replacement when it has fewer), the first ones (cycled) when seed is None."""

@@ -43,6 +43,14 @@ class Logger:
       echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in record.items() if k != "time"))
 
+  def refresh_plots(self, say=print):
+    """Redraws WORKDIR/plots/*.png from the log (skipped, with a note, without matplotlib)."""
+    try:
+      plot_curves(self.workdir)
+    except ImportError as e:
+      say(f"note: no plots ({e})")
+    self.flush()
+
   def text(self, step: int, tag: str, text: str):
     if self.tb is not None:
       self.tb.add_text(tag, text, step)
@@ -149,3 +157,67 @@ def check_loss(loss: float, first_loss, factor: float = 20.0, where: str = "") -
     raise Diverged(f"{where}loss is {loss}")
   if first_loss is not None and first_loss > 0 and loss > factor * first_loss:
     raise Diverged(f"{where}loss {loss:.4g} is above {factor:g}x the first loss {first_loss:.4g}")
+
+
+def check_finite(tree, where: str = "") -> None:
+  """Diverged if a floating-point array of `tree` (numpy, on the host) has a NaN or Inf."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+      raise Diverged(f"{where}non-finite values in {jax.tree_util.keystr(path)}")
+
+
+class StepLog:
+  """A phase's metrics between logging steps: sums on the device, read on log steps.
+
+  `add` after every step (the first step's compile time and loss are logged
+  and checked), `flush` on logging steps (one host sync), `check` before a
+  checkpoint between them. `first_loss` (phase -> its first loss) is shared
+  with the checkpoints: NeuralTalk2's divergence rule compares against it.
+  """
+
+  def __init__(self, logger: Logger, phase: str, batch_size: int, learning_rate,
+               first_loss: dict, factor: float):
+    self.logger, self.phase, self.batch_size = logger, phase, batch_size
+    self.learning_rate, self.first_loss, self.factor = learning_rate, first_loss, factor
+    self.acc, self.t_log, self.n, self.compiling = None, time.time(), 0, True
+
+  def add(self, step: int, state, metrics, t0: float) -> None:
+    """Adds the metrics of global step `step` + 1 (started at time t0)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    if self.compiling:  # the first step compiles: time it, and keep it out of images/s
+      jax.block_until_ready(state)
+      self.logger.log(step, {"phase": self.phase, "compile_seconds": round(time.time() - t0, 2)})
+      self.compiling, self.t_log = False, time.time()
+      loss0 = _loss_of(metrics)
+      check_loss(loss0, None, where=f"step {step + 1}: ")
+      self.first_loss.setdefault(self.phase, loss0)  # NeuralTalk2's reference for divergence
+    self.acc = metrics if self.acc is None else jax.tree_util.tree_map(
+        lambda a, b: a + b, self.acc, metrics)
+    self.n += 1
+
+  def flush(self, step: int, phase_step: int) -> dict:
+    """Logs the mean metrics since the last log step (a host sync); returns the record."""
+    import jax  # pylint: disable=g-import-not-at-top
+    m = jax.device_get(self.acc)
+    dt = time.time() - self.t_log
+    rec = {"phase": self.phase, "loss": _loss_of(m),
+           "images_per_s": round(self.n * self.batch_size / dt, 1)}
+    if "exact_sum" in m:
+      rec["exact_scene_accuracy"] = float(m["exact_sum"] / (self.n * self.batch_size))
+    rec["learning_rate"] = self.learning_rate(phase_step)
+    self.logger.log(step, rec)
+    self.acc, self.t_log, self.n = None, time.time(), 0
+    check_loss(rec["loss"], self.first_loss.get(self.phase), self.factor, where=f"step {step}: ")
+    return rec
+
+  def check(self, step: int) -> None:
+    """Diverged if the loss since the last log step diverged (a host sync)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    check_loss(_loss_of(jax.device_get(self.acc)), self.first_loss.get(self.phase), self.factor,
+               where=f"step {step}: ")
+
+
+def _loss_of(m) -> float:
+  return float(m["loss_sum"]) / max(float(m["count"]), 1.0)

@@ -33,14 +33,13 @@ def add_arguments(p):
 def run(args) -> int:
   from captionjax import inference  # pylint: disable=g-import-not-at-top
   from captionjax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from captionjax import train  # pylint: disable=g-import-not-at-top
   say = lambda m: print(m, file=sys.stderr, flush=True)
   if args.batch_size < 1:
     say(f"captionjax perplexity: error: --batch_size={args.batch_size}: must be >= 1")
     return EXIT_USAGE
   try:
     model = inference.load_workdir(args.checkpoint, args.step)
-    data_dir = args.data or train.data_dir_for(model.config)
+    data_dir = args.data or input_pipeline.data_dir_for(model.config)
     data = input_pipeline.load_split(data_dir, args.split)
     limit = args.num_images if args.num_images > 0 else None
     out = inference.perplexity(model, data, batch_size=min(args.batch_size, len(data)),

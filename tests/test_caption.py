@@ -39,14 +39,13 @@ def _tiny_model_config():
 
 def write_workdir(workdir: str, model: inference.Model, step: int = 7) -> str:
   """Saves `model` as `captionjax train` does: config, vocabulary, checkpoint."""
-  from captionjax import train  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(model.config.to_json_best_effort(indent=1))
   model.vocab.save(os.path.join(workdir, "vocab.json"))
   ckpt = checkpoints.Checkpointer(workdir, keep=2)
   state = {"step": np.int32(step), "params": model.params, "batch_stats": model.batch_stats}
-  ckpt.save(step, state, {"step": step, "phase": train.PHASE_CAPTION,
+  ckpt.save(step, state, {"step": step, "phase": checkpoints.PHASE_CAPTION,
                           "vocab_size": len(model.vocab), "image_size": model.image_size,
                           "max_length": model.max_length})
   ckpt.close()
@@ -276,11 +275,11 @@ def _split_data(model, n: int, seed: int):
 def _perplexity_by_loop(model, data) -> float:
   """Independent reference: the model stepped token by token, numpy log-softmax."""
   from captionjax.models.captioner import Captioner  # pylint: disable=g-import-not-at-top
-  from captionjax import train  # pylint: disable=g-import-not-at-top
+  from captionjax.models import build  # pylint: disable=g-import-not-at-top
   v = {"params": {k: model.params[k] for k in ("img_embed", "lm")}}
   nll, count = 0.0, 0
   for i in range(len(data)):
-    feats = model.cnn.apply(train.cnn_variables(model.params["cnn"], model.batch_stats),
+    feats = model.cnn.apply(build.cnn_variables(model.params["cnn"], model.batch_stats),
                             data.images[i:i + 1].astype(np.float32) / 255.0)
     for j in range(data.num_captions[i]):
       words = [int(w) for w in data.captions[i, j] if w > 0]

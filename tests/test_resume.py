@@ -253,7 +253,7 @@ def test_a_failed_save_is_one_oserror_naming_the_directory(tmp_path):
   import errno
   import jax.numpy as jnp
   from captionjax import checkpoints
-  from captionjax import train
+  from captionjax import cli
   ckpt = checkpoints.Checkpointer(str(tmp_path), keep=2)
   ckpt.save(1, {"x": jnp.arange(3.0)}, {"step": 1})
   ckpt.wait()
@@ -269,7 +269,7 @@ def test_a_failed_save_is_one_oserror_naming_the_directory(tmp_path):
   with pytest.raises(OSError) as e:
     ckpt.wait()
   assert e.value.errno == errno.ENOSPC and e.value.filename == ckpt.directory
-  message = train._os_error_message(e.value, str(tmp_path))
+  message = cli.os_error_line(e.value, str(tmp_path))
   assert message.startswith(ckpt.directory) and "No space left on device" in message
   assert "\n" not in message
   del ckpt.manager.wait_until_finished

@@ -34,15 +34,16 @@ def _caption_batch(shapes_dir, n_images, seq_per_img):
 @pytest.mark.parametrize("attention", [True, False])
 def test_first_loss_is_log_vocabulary(shapes_dir, attention):
   """An untrained LSTM predicts nearly uniformly: loss ~ log(V + 1) (NeuralTalk2's check)."""
-  from captionjax import train
+  from captionjax import steps
   from captionjax import vocab as vocab_lib
+  from captionjax.models import build
   config = tiny_config(shapes_dir, model__attention=attention)
   vocab = vocab_lib.Vocabulary.load(shapes_dir)
-  _, lm, _ = train.make_models(config, len(vocab))
+  _, lm, _ = build.make_models(config, len(vocab))
   batch, _ = _caption_batch(shapes_dir, 8, 5)
   feats = jax.random.normal(jax.random.PRNGKey(1), (8, 9 * 8))  # 3 x 3 cells of 8
   params = lm.init(jax.random.PRNGKey(0), feats, jnp.asarray(batch["captions"]))["params"]
-  loss_sum, count = train._caption_loss(lm, params, feats, batch, False, None)
+  loss_sum, count = steps.caption_loss(lm, params, feats, batch, False, None)
   loss = float(loss_sum / count)
   expected = math.log(len(vocab) + 1)
   assert abs(loss - expected) < 0.05 * expected, (loss, expected)
@@ -62,22 +63,24 @@ def test_first_logged_loss_of_the_run_is_log_vocabulary(trained_workdir):
 
 def test_overfits_a_handful_of_captions(shapes_dir):
   """Five images with one caption each are memorized: the loss goes to nearly zero."""
-  from captionjax import train
+  from captionjax import optim
+  from captionjax import steps
   from captionjax import vocab as vocab_lib
+  from captionjax.models import build
   config = tiny_config(shapes_dir, model__drop_prob_lm=0.0, learning_rate=1e-2,
                        learning_rate_decay_start=-1)
   vocab = vocab_lib.Vocabulary.load(shapes_dir)
-  cnn, lm, _ = train.make_models(config, len(vocab))
+  cnn, lm, _ = build.make_models(config, len(vocab))
   batch, _ = _caption_batch(shapes_dir, 5, 1)
   batch["features"] = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (5, 9 * 8)))
-  tx_lm, _ = train.lm_optimizer(config)
-  tx_cnn = train.cnn_optimizer(config)
+  tx_lm, _ = optim.lm_optimizer(config)
+  tx_cnn = optim.cnn_optimizer(config)
   params = dict(lm.init(jax.random.PRNGKey(0), batch["features"],
                         jnp.asarray(batch["captions"]))["params"], cnn={})
   lm_part = {k: params[k] for k in ("img_embed", "lm")}
   state = {"step": jnp.int32(0), "params": params, "batch_stats": {},
            "opt_state": {"lm": tx_lm.init(lm_part), "cnn": tx_cnn.init({})}}
-  step = jax.jit(train.make_caption_step(cnn, lm, tx_lm, tx_cnn, "features"))
+  step = jax.jit(steps.make_caption_step(cnn, lm, tx_lm, tx_cnn, "features"))
   losses = []
   for _ in range(300):
     state, m = step(state, batch, jax.random.PRNGKey(3))

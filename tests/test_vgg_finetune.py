@@ -15,7 +15,11 @@ import pytest
 
 from captionjax import checkpoints
 from captionjax import input_pipeline
+from captionjax import evaluation
+from captionjax import optim
+from captionjax import steps
 from captionjax import train
+from captionjax.models import build as build_lib
 from captionjax import vocab as vocab_lib
 from captionjax import weights
 from captionjax.models.vgg import VGG16
@@ -26,15 +30,15 @@ SEQ = 5
 
 def build(config, data):
   """(cnn, lm, state) for caption training, as train_and_evaluate builds them."""
-  cnn, lm, _ = train.make_models(config, vocab_size=data.vocab_size)
+  cnn, lm, _ = build_lib.make_models(config, vocab_size=data.vocab_size)
   size = data.images.shape[1]
   cnn_vars = cnn.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
   dim = jax.eval_shape(lambda v: cnn.apply(v, jnp.zeros((1, size, size, 3))), cnn_vars).shape[-1]
   lm_vars = lm.init(jax.random.key(1), jnp.zeros((1, dim)),
                     jnp.zeros((1, 1, data.max_length + 2), jnp.int32))
   params = {"cnn": cnn_vars["params"], **lm_vars["params"]}
-  tx_lm, _ = train.lm_optimizer(config)
-  tx_cnn = train.cnn_optimizer(config)
+  tx_lm, _ = optim.lm_optimizer(config)
+  tx_cnn = optim.cnn_optimizer(config)
   state = {"step": jnp.int32(0), "params": params, "batch_stats": cnn_vars["batch_stats"],
            "opt_state": {"lm": tx_lm.init({k: params[k] for k in ("img_embed", "lm")}),
                          "cnn": tx_cnn.init(params["cnn"])}}
@@ -56,13 +60,13 @@ def setup(shapes_dir):
                     "row": b["row"]})
   cnn, lm, tx_lm, tx_cnn, state = build(config, data)
   size = data.images.shape[1]
-  dim = jax.eval_shape(lambda p, bs, x: cnn.apply(train.cnn_variables(p, bs), x),
+  dim = jax.eval_shape(lambda p, bs, x: cnn.apply(build_lib.cnn_variables(p, bs), x),
                        state["params"]["cnn"], state["batch_stats"],
                        jnp.zeros((1, size, size, 3))).shape[-1]  # D of the CNN's features
   compiled = {}
   for mode in MODES:
     b = strip(dict(batches[0], features=np.zeros((8, dim), np.float32)), mode)
-    step = train.make_caption_step(cnn, lm, tx_lm, tx_cnn, mode)
+    step = steps.make_caption_step(cnn, lm, tx_lm, tx_cnn, mode)
     compiled[mode] = jax.jit(step).lower(state, b, jax.random.key(0)).compile()
   return config, data, batches, {"cnn": cnn, "state": state, "steps": compiled}
 
@@ -119,7 +123,7 @@ def test_no_backward_pass_through_a_frozen_cnn(setup):
 def test_cached_features_equal_online_features(setup):
   _, data, batches, model = setup
   state = model["state"]
-  feats = train.compute_features(model["cnn"], state["params"]["cnn"], state["batch_stats"],
+  feats = evaluation.compute_features(model["cnn"], state["params"]["cnn"], state["batch_stats"],
                                  {"train": data}, 10, jnp.asarray)["train"]
   assert feats.shape[0] == len(data)
   s_online, s_cached = state, state
@@ -169,17 +173,17 @@ def test_cnn_weights_config_errors(shapes_dir, tmp_path):
   config = tiny_config(shapes_dir, model__attention=False)  # VGG16: no grid cells
   config.model.cnn_weights = str(tmp_path)
   with pytest.raises(ValueError, match="cnn='vgg16'"):
-    train.make_models(config, 10)
+    build_lib.make_models(config, 10)
   config.model.cnn = "vgg16"
   config.model.cnn_kwargs = {"output": "fc7"}
   with pytest.raises(weights.WeightsError, match="weights.json"):
-    train.make_models(config, 10)
+    build_lib.make_models(config, 10)
   # The model takes the normalization the weights record (weights.json only is read).
   weights.save({}, str(tmp_path), source="w.h5", source_format="keras_h5")
-  cnn, _, full = train.make_models(config, 10)
+  cnn, _, full = build_lib.make_models(config, 10)
   assert cnn.preprocess == "caffe" and full.cnn_kwargs["preprocess"] == "caffe"
   config.model.cnn_kwargs = {"output": "fc7", "preprocess": "torch"}  # set in the config: kept
-  cnn = train.make_models(config, 10)[0]
+  cnn = build_lib.make_models(config, 10)[0]
   assert cnn.preprocess == "torch"
   with pytest.raises(weights.WeightsError, match="expect preprocess='caffe'.*'torch'"):
     weights.load_params(str(tmp_path), {}, cnn.preprocess)  # as training starts
@@ -204,7 +208,7 @@ def test_training_starts_from_imported_weights(mini_dir, tmp_path):
   config.model.attention = False  # one fc7 vector per image, as NeuralTalk2
   config.model.cnn_weights = wdir
   config.extra_test_splits = ()
-  cnn, _, _ = train.make_models(config, 10)
+  cnn, _, _ = build_lib.make_models(config, 10)
   assert cnn.preprocess == "torch"
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir, progress=False)

@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from captionjax import configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from captionjax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
-from captionjax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from captionjax.models import build  # pylint: disable=g-import-not-at-top,wrong-import-position
 from captionjax import vocab as vocab_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from captionjax.models.vgg import vgg16_flops  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -99,8 +99,8 @@ def bench_model(name: str, beams, batch_size: int, repeats: int) -> list:
   model = make_model(name)
   s = model.input_size
   images = np.random.default_rng(0).integers(0, 256, (batch_size, s, s, 3), dtype=np.uint8)
-  cnn = jax.jit(lambda p, bs, x: model.cnn.apply(train.cnn_variables(p, bs),
-                                                 train.images_to_input(x), train=False))
+  cnn = jax.jit(lambda p, bs, x: model.cnn.apply(build.cnn_variables(p, bs),
+                                                 build.images_to_input(x), train=False))
   p_cnn = jax.device_put(model.params["cnn"])
   bs = jax.device_put(model.batch_stats)
   mm, mm_flops = matmul_fn()

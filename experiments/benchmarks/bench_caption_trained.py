@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from captionjax import inference, input_pipeline, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from captionjax import inference, input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
   p.add_argument("--repeats", type=int, default=3)
   args = p.parse_args()
   model = inference.load_workdir(args.workdir)
-  data = input_pipeline.load_split(train.data_dir_for(model.config), args.split)
+  data = input_pipeline.load_split(input_pipeline.data_dir_for(model.config), args.split)
   n = min(args.num_images, len(data)) // args.batch_size * args.batch_size
   images = data.images[:n]
   rows = {}

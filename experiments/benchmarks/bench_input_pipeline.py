@@ -30,8 +30,8 @@ from captionjax import input_pipeline  # pylint: disable=g-import-not-at-top
 
 def default_data_dir() -> str:
   """The prepro output of the embedded default set, as `captionjax train` makes it."""
-  from captionjax import configs, train  # pylint: disable=g-import-not-at-top
-  return train.data_dir_for(configs.load_config("default"))
+  from captionjax import configs, input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.data_dir_for(configs.load_config("default"))
 
 
 def numpy_batches(data: input_pipeline.SplitData, batch_size: int, seq_per_img: int,

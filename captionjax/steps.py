@@ -1,0 +1,161 @@
+"""The pure, jittable steps of training and inference.
+
+Each factory takes the flax modules (and optimizers) and returns a pure
+function for `jax.jit`; nothing that changes between calls is closed over:
+
+  make_pretrain_step  (state, batch, rng) -> (state, metrics)  CNN object recognition
+  make_caption_step   (state, batch, rng) -> (state, metrics)  the captioner's train_step
+  make_eval_step      (params, batch_stats, batch) -> metrics  validation loss
+  make_generate       (params, batch_stats, x[, rng]) -> (tokens, scores)
+                      greedy, sampling or beam_search (captionjax/decode.py)
+
+The train state is a dict: {"step", "params", "batch_stats", "opt_state"}.
+Metrics are sums plus a count (`loss_sum`, `count`); the host divides.
+
+Dimensions: B images per batch, S captions per image, L = max_length + 2,
+D CNN feature size, V vocabulary size, G grid cells a side, K beams,
+T decoded tokens.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from captionjax import decode
+from captionjax import losses
+from captionjax.models.build import LM_KEYS, cnn_variables, images_to_input
+from captionjax.models.captioner import Captioner
+
+
+def make_pretrain_step(cnn, heads, tx):
+  """(state, batch, rng) -> (state, metrics): one object-recognition step.
+
+  batch: "image" uint8 [B, H, W, 3]; "shape", "color", "size" int32 [B, G, G]
+  (shape 0 = an empty cell, whose color and size do not count).
+  """
+
+  def step(state, batch, rng):
+    del rng
+    def loss_fn(params):
+      feats, upd = cnn.apply(cnn_variables(params["cnn"], state["batch_stats"]),
+                             images_to_input(batch["image"]), train=True,
+                             mutable=["batch_stats"])  # -> [B, G*G*C]
+      logits = heads.apply({"params": params["heads"]}, feats)
+      occupied = (batch["shape"] > 0).astype(jnp.float32)  # -> [B, G, G]
+      ce = optax.softmax_cross_entropy_with_integer_labels
+      loss = ce(logits["shape"], batch["shape"]).mean()
+      loss += (ce(logits["color"], batch["color"]) * occupied).sum() / occupied.sum()
+      loss += (ce(logits["size"], batch["size"]) * occupied).sum() / occupied.sum()
+      right = ((logits["shape"].argmax(-1) == batch["shape"])
+               & ((logits["color"].argmax(-1) == batch["color"])
+                  & (logits["size"].argmax(-1) == batch["size"]) | (occupied == 0)))
+      return loss, (upd["batch_stats"], right.all(axis=(1, 2)).sum())
+
+    (loss, (bs, exact)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    n = batch["shape"].shape[0]
+    metrics = {"loss_sum": loss * n, "count": jnp.float32(n), "exact_sum": exact.astype(jnp.float32)}
+    return dict(state, step=state["step"] + 1, params=params, batch_stats=bs,
+                opt_state=opt_state), metrics
+
+  return step
+
+
+def caption_loss(lm, lm_params, feats, batch, train, rng):
+  """(loss_sum, count): masked cross-entropy of the LM on features [B, D].
+
+  batch: "captions" int32 [B, S, L], "mask" [B, S, L], optionally "_mask" [B]
+  (0 for padding images in evaluation).
+  """
+  logits = lm.apply({"params": lm_params}, feats, batch["captions"], train=train,
+                    rngs={"dropout": rng} if train else None)  # -> [B, S, L-1, V+1]
+  mask = batch["mask"][..., 1:]
+  if "_mask" in batch:
+    mask = mask * batch["_mask"][:, None, None]
+  return losses.masked_cross_entropy(logits, batch["captions"][..., 1:], mask)
+
+
+def _features(cnn, params, batch_stats, batch, mode):
+  """[B, D]: cached features, or the frozen CNN on the batch's images."""
+  if mode == "features":
+    return batch["features"]
+  feats = cnn.apply(cnn_variables(params["cnn"], batch_stats),
+                    images_to_input(batch["image"]), train=False)
+  return jax.lax.stop_gradient(feats)
+
+
+def make_caption_step(cnn, lm, tx_lm, tx_cnn, mode: str):
+  """(state, batch, rng) -> (state, metrics): one caption step.
+
+  mode "features": batch["features"] [B, D] (cached); "frozen": images through
+  the CNN in inference mode, no gradient (XLA drops its backward pass);
+  "finetune": the CNN trains too, with its own optimizer.
+  """
+
+  def step(state, batch, rng):
+    rng = jax.random.fold_in(rng, state["step"])
+    params = state["params"]
+    trainable = {k: params[k] for k in LM_KEYS + (("cnn",) if mode == "finetune" else ())}
+
+    def loss_fn(tp):
+      bs = state["batch_stats"]
+      if mode != "finetune":
+        feats = _features(cnn, params, bs, batch, mode)
+      else:
+        kw = {"mutable": ["batch_stats"]} if bs else {}
+        out = cnn.apply(cnn_variables(tp["cnn"], bs), images_to_input(batch["image"]),
+                        train=True, rngs={"dropout": jax.random.fold_in(rng, 1)}, **kw)
+        feats, bs = (out[0], out[1]["batch_stats"]) if bs else (out, bs)
+      loss_sum, count = caption_loss(lm, {k: tp[k] for k in LM_KEYS}, feats, batch, True, rng)
+      return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count, bs)
+
+    grads, (loss_sum, count, bs) = jax.grad(loss_fn, has_aux=True)(trainable)
+    opt = dict(state["opt_state"])
+    lm_part = {k: trainable[k] for k in LM_KEYS}
+    upd, opt["lm"] = tx_lm.update({k: grads[k] for k in LM_KEYS}, opt["lm"], lm_part)
+    new_params = dict(params, **optax.apply_updates(lm_part, upd))
+    if mode == "finetune":
+      upd, opt["cnn"] = tx_cnn.update(grads["cnn"], opt["cnn"], params["cnn"])
+      new_params["cnn"] = optax.apply_updates(params["cnn"], upd)
+    metrics = {"loss_sum": loss_sum, "count": count}
+    return dict(state, step=state["step"] + 1, params=new_params, batch_stats=bs,
+                opt_state=opt), metrics
+
+  return step
+
+
+def make_eval_step(cnn, lm, mode: str):
+  """(params, batch_stats, batch) -> summed loss and token count over real examples."""
+  def step(params, batch_stats, batch):
+    feats = _features(cnn, params, batch_stats, batch, mode)
+    lm_params = {k: params[k] for k in LM_KEYS}
+    loss_sum, count = caption_loss(lm, lm_params, feats, batch, False, None)
+    return {"loss_sum": loss_sum, "count": count}
+  return step
+
+
+def make_generate(cnn, lm, mode: str, beam_size: int, max_length: int, length_penalty=0.0,
+                  temperature: float = 0.0):
+  """(params, batch_stats, images or features[, rng]) -> (tokens [B, K, T], scores [B, K]).
+
+  temperature > 0 samples one caption (K = 1) from softmax(logits / temperature)
+  with `rng` instead of the greedy/beam search.
+  """
+
+  def generate(params, batch_stats, x, rng=None):
+    feats = x if mode == "features" else cnn.apply(
+        cnn_variables(params["cnn"], batch_stats), images_to_input(x), train=False)
+    v = {"params": {k: params[k] for k in LM_KEYS}}
+    emb = lm.apply(v, feats, method=Captioner.encode)  # -> [B, E]
+    carry = lm.apply(v, emb, method=Captioner.decode_start)
+    step_fn = lambda c, t: lm.apply(v, c, t, method=Captioner.decode_step)
+    if temperature > 0:
+      tokens, logprobs = decode.sample(step_fn, carry, rng, max_length, temperature)
+      return tokens[:, None], logprobs[:, None]
+    if beam_size == 1:
+      tokens, logprobs = decode.greedy(step_fn, carry, max_length)
+      return tokens[:, None], logprobs[:, None]
+    return decode.beam_search(step_fn, carry, beam_size, max_length, length_penalty)
+
+  return generate
