@@ -20,14 +20,12 @@ Exit status: 0 every input captioned, 1 some failed (the rest are still
 captioned and written), 2 usage errors (bad flags, no checkpoint, no images).
 """
 
-import argparse
-import json
 import os
 import sys
 import time
 import warnings
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm "
     ".ico .tga .sgi .jp2 .j2k .pcx".split())
@@ -38,7 +36,6 @@ class UsageError(ValueError):
 
 
 def add_arguments(p):
-  p.formatter_class = argparse.RawDescriptionHelpFormatter
   p.epilog = __doc__.split("\n", 1)[1]  # the usage lines, output format and exit statuses
   p.add_argument("--checkpoint", required=True,
                  help="a `captionjax train` workdir (its latest checkpoint is used)")
@@ -157,15 +154,12 @@ def _record(image_id, file_name, captions, n_best: int) -> dict:
 
 
 def write_json(path: str, obj) -> None:
-  """Writes `obj` as JSON to `path`, or to stdout when path is empty."""
-  text = json.dumps(obj, ensure_ascii=False, indent=1)
+  """Writes `obj` as JSON to `path` (captionjax/files.py), or to stdout when path is empty."""
+  from captionjax import files  # pylint: disable=g-import-not-at-top
   if not path:
-    print(text)
+    print(files.dumps(obj))
     return
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text + "\n")
-  os.replace(tmp, path)
+  files.write_json(path, obj)
 
 
 def write_vis(path: str, records: list, images: dict) -> None:
@@ -179,6 +173,15 @@ def write_vis(path: str, records: list, images: dict) -> None:
     if data is not None:
       with open(os.path.join(img_dir, f"img{i}.jpg"), "wb") as f:
         f.write(data)
+
+
+def _write_results(args, records: list) -> None:
+  """The captions JSON to --output (or stdout); UsageError naming what was not saved."""
+  try:
+    write_json(args.output, records)
+  except OSError as e:
+    raise UsageError(f"cannot write {e.filename or args.output}: {e.strerror or e}; "
+                     f"the captions of {len(records)} images were not saved") from None
 
 
 def run(args) -> int:
@@ -207,6 +210,7 @@ def _load_model(args):
 def run_images(args) -> int:
   """Captions a file or folder; returns the exit status."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from captionjax import files  # pylint: disable=g-import-not-at-top
   from captionjax import gallery  # pylint: disable=g-import-not-at-top
   from captionjax import inference  # pylint: disable=g-import-not-at-top
 
@@ -219,6 +223,11 @@ def run_images(args) -> int:
     raise UsageError(f"--images={args.images}: no image files found")
   if args.num_images > 0:
     paths = paths[:args.num_images]
+  try:
+    for flag in ("output", "vis_json"):
+      files.check_output(getattr(args, flag), paths, flag=f"--{flag}")
+  except ValueError as e:
+    raise UsageError(str(e)) from None
   folder = os.path.isdir(args.images)
   names = [os.path.relpath(p, args.images).replace(os.sep, "/") if folder
            else os.path.basename(p) for p in paths]
@@ -245,21 +254,29 @@ def run_images(args) -> int:
   t0 = time.time()
   bar = tqdm(total=len(paths), unit="img", disable=args.no_progress, file=sys.stderr,
              dynamic_ncols=True)
-  for item in inference.caption_files(captioner, paths, load, workers=args.workers):
-    bar.update()
-    image_id, name = item.index + 1, names[item.index]
-    if not item.ok:
-      tqdm.write(f"skipped {item.path}: {item.error}", file=sys.stderr)
-      failures.append((name, item.error))
-      continue
-    records.append(_record(image_id, name, item.captions, args.n_best))
-    if item.extra is not None:
-      thumbs[image_id] = item.extra
+  try:
+    for item in inference.caption_files(captioner, paths, load, workers=args.workers):
+      bar.update()
+      image_id, name = item.index + 1, names[item.index]
+      if not item.ok:
+        tqdm.write(f"skipped {item.path}: {item.error}", file=sys.stderr)
+        failures.append((name, item.error))
+        continue
+      records.append(_record(image_id, name, item.captions, args.n_best))
+      if item.extra is not None:
+        thumbs[image_id] = item.extra
+  except KeyboardInterrupt:  # keep what is done
+    bar.close()
+    _write_results(args, records)
+    _say(f"captionjax caption: interrupted after {len(records)} of {len(paths)} images; "
+         + (f"their captions are in {args.output}" if args.output else
+            "their captions were printed"))
+    return EXIT_INTERRUPTED
   bar.close()
   dt = time.time() - t0
 
+  _write_results(args, records)
   try:
-    write_json(args.output, records)
     if args.vis_json:
       write_vis(args.vis_json, records, thumbs)
     if args.html:

@@ -277,8 +277,12 @@ def check_workdir(workdir: str) -> None:
 # ---------------------------------------------------------------- preemption
 
 
-class Preempted(Exception):
-  """SIGTERM or SIGINT stopped the run; str(e) says where it can resume."""
+class Preempted(BaseException):
+  """SIGTERM or SIGINT stopped the run; str(e) says where it can resume.
+
+  A BaseException, as KeyboardInterrupt is: the broad `except Exception`
+  around restores and saves must not take a signal for a damaged checkpoint.
+  """
 
   def __init__(self, signum: int, message: str = "", saved: bool = False):
     import signal  # pylint: disable=g-import-not-at-top

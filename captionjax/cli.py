@@ -3,11 +3,24 @@
 Each subcommand lives in its own module exposing `add_arguments(parser)` and
 `run(args) -> int` (the exit status). Modules are imported only when their
 subcommand runs, so `captionjax --help` stays fast (no JAX or TF import).
+
+Exit statuses, the same for every subcommand: 0 done; 1 the job ran but
+failed (some images could not be captioned, training diverged, the disk
+filled up); 2 bad usage or bad input (flags, config, data, checkpoints,
+files); 128 + N when stopped by signal N (130 for Ctrl-C, 143 for SIGTERM).
+Known errors print one line, `captionjax: error: ...`, naming the file or
+field; `--debug` (or CAPTIONJAX_DEBUG=1) shows the traceback instead.
 """
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
+DEBUG_ENV = "CAPTIONJAX_DEBUG"
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
@@ -52,23 +65,79 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+  argv = [a for a in argv if a != "--debug"]
   parser = build_parser()
   # Parse the command name first, then let its module add its own flags.
   if not argv or argv[0] not in SUBCOMMANDS:
-    args = parser.parse_args(argv)  # prints help / errors for unknown names
+    parser.parse_args(argv)  # prints help / errors for unknown names
     parser.print_help()
-    return 2
+    return EXIT_USAGE
   name = argv[0]
   module = importlib.import_module(SUBCOMMANDS[name][0])
-  sub = argparse.ArgumentParser(
-      prog=f"captionjax {name}", description=SUBCOMMANDS[name][1])
+  sub = argparse.ArgumentParser(prog=f"captionjax {name}", description=SUBCOMMANDS[name][1])
   module.add_arguments(sub)
+  sub.formatter_class = DefaultsHelpFormatter
+  sub.add_argument("--debug", action="store_true",
+                   help=f"show the Python traceback of an error (also: {DEBUG_ENV}=1)")
   if getattr(module, "ALLOW_EXTRA_ARGS", False):
     args, extra = sub.parse_known_args(argv[1:])
     args.extra = extra
   else:
     args = sub.parse_args(argv[1:])
-  return int(module.run(args) or 0)
+  return run_command(f"captionjax {name}", lambda: module.run(args), debug)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                            argparse.RawDescriptionHelpFormatter):
+  """--help shows each flag's default, and descriptions and epilogs as written."""
+
+
+def run_command(prog: str, fn, debug: bool = False) -> int:
+  """fn() -> exit status, with known errors as one line (status 2) and Ctrl-C as 130.
+
+  Output to a closed pipe or a full disk on stdout ends the command quietly
+  (status 1) rather than with a traceback.
+  """
+  try:
+    return int(fn() or 0)
+  except KeyboardInterrupt:
+    if debug:
+      raise
+    print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+  except BrokenPipeError:
+    _quiet_stdout()
+    return EXIT_FAILED
+  except (OSError, ValueError, UnicodeError, KeyError, IndexError, TypeError) as e:
+    if debug:
+      raise
+    if isinstance(e, OSError) and e.filename is None and _stdout_broken():
+      _quiet_stdout()
+      print(f"{prog}: error: cannot write to standard output ({e.strerror or e})",
+            file=sys.stderr, flush=True)
+      return EXIT_FAILED
+    print(f"{prog}: error: {error_line(e, '')}"
+          + ("" if isinstance(e, (OSError, ValueError)) else f" ({type(e).__name__}; "
+             f"run with --debug for the traceback)"), file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+def _stdout_broken() -> bool:
+  try:
+    sys.stdout.flush()
+    return False
+  except OSError:
+    return True
+
+
+def _quiet_stdout() -> None:
+  """Points stdout at /dev/null so that Python's exit-time flush does not fail again."""
+  try:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+  except (OSError, ValueError):
+    pass
 
 
 if __name__ == "__main__":

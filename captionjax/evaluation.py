@@ -22,6 +22,7 @@ import time
 import jax
 import numpy as np
 
+from captionjax import files
 from captionjax import input_pipeline
 from captionjax import records
 from captionjax import steps
@@ -29,16 +30,17 @@ from captionjax.models.build import cnn_variables, images_to_input
 
 
 def compute_features(cnn, params, batch_stats, splits: dict, batch_size: int,
-                     mesh_put) -> dict:
+                     mesh_put, crop_size: int = 0) -> dict:
   """The frozen CNN's features of every image of each split: name -> [N, D] float32.
 
-  One jitted program serves every split (eval batches are padded to one shape).
+  One jitted program serves every split (eval batches are padded to one shape);
+  images are center-cropped to `crop_size` (0: as stored), as in evaluation.
   """
   fn = jax.jit(lambda p, bs, x: cnn.apply(cnn_variables(p, bs), images_to_input(x), train=False))
   features = {}
   for name, data in splits.items():
     out = []
-    for batch in input_pipeline.eval_batches(data, batch_size, 1):
+    for batch in input_pipeline.eval_batches(data, batch_size, 1, crop_size):
       f = fn(params, batch_stats, mesh_put(batch["image"]))
       out.append(np.asarray(f)[batch["_mask"] > 0])
     features[name] = np.concatenate(out)
@@ -46,10 +48,13 @@ def compute_features(cnn, params, batch_stats, splits: dict, batch_size: int,
 
 
 def caption_split(generate_fn, params, batch_stats, data, vocab, batch_size, mesh_put,
-                  features=None, limit=None):
-  """Captions every image of a split: list of {image_id, file_name, caption, logprob}."""
+                  features=None, limit=None, crop_size: int = 0):
+  """Captions every image of a split: list of {image_id, file_name, caption, logprob}.
+
+  Images are center-cropped to `crop_size` (0: as stored), as the model saw them.
+  """
   out = []
-  for batch in input_pipeline.eval_batches(data, batch_size, 1, limit=limit):
+  for batch in input_pipeline.eval_batches(data, batch_size, 1, crop_size, limit=limit):
     x = features[batch["row"]] if features is not None else batch["image"]
     tokens, scores = generate_fn(params, batch_stats, mesh_put(x))
     tokens, scores = np.asarray(tokens), np.asarray(scores)  # host sync
@@ -115,7 +120,7 @@ class Validator:
     """Mean per-token cross-entropy of the split's reference captions."""
     sums = {"loss_sum": 0.0, "count": 0.0}
     for b in input_pipeline.eval_batches(self.data, self.config.eval_batch_size,
-                                         self.config.seq_per_img):
+                                         self.config.seq_per_img, self.config.crop_size):
       x = {"captions": b["captions"], "mask": b["mask"], "_mask": b["_mask"]}
       if self.features is not None:
         x["features"] = self.features[b["row"]]
@@ -143,7 +148,7 @@ class Validator:
     val_loss = self.loss(state)
     caps = caption_split(self.greedy, state["params"], state["batch_stats"], self.data,
                          self.vocab, self.config.eval_batch_size, self.mesh_put, self.features,
-                         limit=self.config.eval_num_images)
+                         limit=self.config.eval_num_images, crop_size=self.config.crop_size)
     scores = score_captions(caps, self.refs, self.data)
     rec = {"phase": "val", "val_loss": val_loss, "val_perplexity": float(np.exp(val_loss)),
            **{f"val_{k}": v for k, v in scores.items()}}
@@ -168,19 +173,18 @@ def final_test(cnn, lm, params, batch_stats, config, data_dir, info, vocab, mesh
       continue
     data = input_pipeline.load_config_split(config, data_dir, split)
     t0 = time.time()
-    caps = caption_split(gen, params, batch_stats, data, vocab, config.eval_batch_size, mesh_put)
+    caps = caption_split(gen, params, batch_stats, data, vocab, config.eval_batch_size, mesh_put,
+                         crop_size=config.crop_size)
     dt = time.time() - t0
     refs = references(data_dir, split)
     scores = score_captions(caps, refs, data, meteor=True)
     scores["images_per_s"] = round(len(caps) / dt, 1)
     if split == config.test_split:
-      with open(os.path.join(workdir, "captions.json"), "w", encoding="utf-8") as f:
-        json.dump(caps, f, ensure_ascii=False, indent=0)
+      files.write_json(os.path.join(workdir, "captions.json"), caps, indent=0)
       scores["human_ceiling"] = human_ceiling(refs, [c["image_id"] for c in caps])
     results[split] = scores
   results["beam_size"] = config.beam_size
   results["train_seconds"] = round(time.time() - t_start, 1)
   out = {**results.get(config.test_split, {}), "splits": results}
-  with open(os.path.join(workdir, "scores.json"), "w", encoding="utf-8") as f:
-    json.dump(out, f, indent=1)
+  files.write_json(os.path.join(workdir, "scores.json"), out, indent=1)
   return out

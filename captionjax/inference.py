@@ -154,6 +154,12 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> Model:
   if meta.get("vocab_size", len(vocab)) != len(vocab):
     raise CheckpointError(f"{workdir}: vocab.json has {len(vocab)} words, the checkpoint "
                           f"{meta.get('vocab_size')}")
+  digest = meta.get("vocab_digest")
+  if digest is not None and digest != checkpoints.vocab_digest(vocab.words):
+    raise CheckpointError(f"{os.path.join(workdir, VOCAB_FILE)}: not the vocabulary checkpoint "
+                          f"{step} was trained with (same size, other words)")
+  if meta.get("config"):  # the config this step was trained with (config.json is the latest run's)
+    config = ml_collections.ConfigDict(meta["config"])
   image_size, max_length = _image_geometry(config, meta)
   cnn, lm, _ = build.make_models(config, len(vocab))
   params = state["params"]

@@ -11,14 +11,29 @@ import jax.numpy as jnp
 import optax
 
 
-def lm_optimizer(config):
-  """(tx, schedule): Adam with NeuralTalk2's settings: element-wise clipping, step halving."""
+def decay_factor(config, step):
+  """The learning-rate factor at caption step `step` (0-based), by config.learning_rate_schedule.
+
+  "neuraltalk2": NeuralTalk2's 0.5 ** ((step - start) / every) after the decay
+  start, smoothly (x1 at the start, x0.5 `every` steps later). "step": x0.5 at
+  the start and again every `every` steps (x0.5 at the start, x0.25 `every`
+  steps later). A decay start of -1 keeps the rate constant.
+  """
   start, every = config.learning_rate_decay_start, config.learning_rate_decay_every
-  if start >= 0:
-    schedule = lambda step: config.learning_rate * 0.5 ** jnp.maximum(
-        0, (step - start) // every + 1) * (step >= start) + config.learning_rate * (step < start)
-  else:
-    schedule = lambda step: config.learning_rate * jnp.ones_like(step, jnp.float32)
+  if start < 0:
+    return jnp.ones_like(step, jnp.float32)
+  kind = config.get("learning_rate_schedule", "step")
+  if kind == "neuraltalk2":
+    return jnp.where(step > start, 0.5 ** ((step - start) / every), 1.0).astype(jnp.float32)
+  if kind == "step":
+    return 0.5 ** jnp.maximum(0, (step - start) // every + 1) * (step >= start) + 1.0 * (step < start)
+  raise ValueError(f"config.learning_rate_schedule={kind!r}: one of 'step', 'neuraltalk2'")
+
+
+def lm_optimizer(config):
+  """(tx, schedule): Adam with NeuralTalk2's settings: element-wise clipping, decay."""
+  decay_factor(config, jnp.int32(0))  # a bad schedule name fails here, not in the jitted step
+  schedule = lambda step: config.learning_rate * decay_factor(config, step)
   tx = optax.chain(
       optax.clip(config.grad_clip),
       optax.scale_by_adam(b1=config.beta1, b2=config.beta2, eps=config.epsilon),
@@ -27,11 +42,21 @@ def lm_optimizer(config):
 
 
 def cnn_optimizer(config):
+  """Adam for the CNN while fine-tuned; with the "neuraltalk2" schedule its rate
+  decays as the LM's does, counted in caption steps (the CNN starts at
+  `finetune_cnn_after`)."""
+  if config.get("learning_rate_schedule", "step") != "neuraltalk2":
+    return optax.chain(
+        optax.clip(config.grad_clip),
+        optax.add_decayed_weights(config.cnn_weight_decay),
+        optax.adam(config.cnn_learning_rate, b1=config.cnn_beta1, b2=config.cnn_beta2,
+                   eps=config.epsilon))
+  offset = max(config.finetune_cnn_after, 0)
+  schedule = lambda count: config.cnn_learning_rate * decay_factor(config, count + offset)
   return optax.chain(
       optax.clip(config.grad_clip),
       optax.add_decayed_weights(config.cnn_weight_decay),
-      optax.adam(config.cnn_learning_rate, b1=config.cnn_beta1, b2=config.cnn_beta2,
-                 eps=config.epsilon))
+      optax.adam(schedule, b1=config.cnn_beta1, b2=config.cnn_beta2, eps=config.epsilon))
 
 
 def pretrain_optimizer(config):

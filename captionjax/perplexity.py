@@ -11,7 +11,6 @@ Prints one JSON object on stdout: {"perplexity", "cross_entropy", "tokens",
 "captions", "images", "split", "step"}. Exit status 2 on bad input.
 """
 
-import argparse
 import json
 import sys
 
@@ -19,7 +18,6 @@ EXIT_USAGE = 2
 
 
 def add_arguments(p):
-  p.formatter_class = argparse.RawDescriptionHelpFormatter
   p.epilog = __doc__.split("\n", 1)[1]  # the usage lines, output format and exit statuses
   p.add_argument("--checkpoint", required=True, help="a `captionjax train` workdir")
   p.add_argument("--step", type=int, default=None, help="a checkpoint step instead of the latest")

@@ -329,7 +329,7 @@ def add_arguments(p):
   p.add_argument("--output_dir", required=True, help="where raw.json and images/ go")
   for split, n in DEFAULT_SPLITS.items():
     p.add_argument(f"--num_{split}", type=int, default=n, help=f"images in split {split}")
-  p.add_argument("--image_size", type=int, default=64, help="pixels a side (64 to 128)")
+  p.add_argument("--image_size", type=int, default=64, help="pixels a side (16 to 512)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--prepro", action="store_true",
                  help="also run prepro into OUTPUT_DIR/prepro")
@@ -337,6 +337,9 @@ def add_arguments(p):
 
 def run(args) -> int:
   splits = {s: getattr(args, f"num_{s}") for s in DEFAULT_SPLITS}
+  for s, n in splits.items():
+    if n < 0:
+      raise ValueError(f"--num_{s}={n}: must be >= 0")
   raw = make_shapes(args.output_dir, splits, args.image_size, args.seed)
   print(raw)
   if args.prepro:
@@ -346,19 +349,39 @@ def run(args) -> int:
 
 def prepare(root: str, splits: dict | None = None, image_size: int = 64, seed: int = 0,
             generate: bool = True, num_workers: int | None = None) -> str:
-  """Generates (if needed) and preprocesses the shapes set; returns the prepro dir."""
+  """Generates (if needed) and preprocesses the shapes set; returns the prepro dir.
+
+  A prepro output made with other settings (another version, split sizes,
+  image size or seed) is made again, not reused. Runs that prepare the same
+  `root` at once take turns (a lock file), so none deletes another's shards.
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top
   from captionjax import datasets, prepro  # pylint: disable=g-import-not-at-top
   out = os.path.join(root, "prepro")
-  if os.path.exists(os.path.join(out, "dataset_info.json")):
-    return out
-  if generate or not os.path.exists(os.path.join(root, "raw.json")):
-    make_shapes(root, splits, image_size, seed)
-  items = datasets.read_raw_json(os.path.join(root, "raw.json"))
-  prepro.prepro(items, out, images_root=root, max_length=MAX_WORDS,
-                word_count_threshold=0, image_size=image_size, image_format="png",
-                num_workers=num_workers or os.cpu_count() or 1,
-                extra_info={"name": "shapes", "seed": seed})
+  splits = dict(DEFAULT_SPLITS if splits is None else splits)
+  made_by = {"version": VERSION, "splits": splits, "image_size": image_size, "seed": seed}
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, ".prepare.lock"), "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if _made_by(out) == made_by:
+      return out
+    if generate or not os.path.exists(os.path.join(root, "raw.json")):
+      make_shapes(root, splits, image_size, seed)
+    items = datasets.read_raw_json(os.path.join(root, "raw.json"))
+    prepro.prepro(items, out, images_root=root, max_length=MAX_WORDS,
+                  word_count_threshold=0, image_size=image_size, image_format="png",
+                  num_workers=num_workers or os.cpu_count() or 1,
+                  extra_info={"name": "shapes", "seed": seed, "made_by": made_by}, force=True)
   return out
+
+
+def _made_by(prepro_dir: str):
+  """The generator settings recorded in a prepro output's dataset_info.json (None if none)."""
+  try:
+    with open(os.path.join(prepro_dir, "dataset_info.json"), encoding="utf-8") as f:
+      return json.load(f).get("made_by")
+  except (OSError, ValueError, AttributeError):
+    return None
 
 
 def object_targets(objects_list: list, grid: int = GRID) -> dict:

@@ -23,6 +23,7 @@ optim.py; evaluation: evaluation.py). Each phase is a `Phase` value run by
 """
 
 import dataclasses
+import errno
 import functools
 import os
 import signal
@@ -38,6 +39,7 @@ from captionjax import checkpoints as ckpt_lib
 from captionjax import cli
 from captionjax import configs
 from captionjax import evaluation
+from captionjax import files
 from captionjax import input_pipeline
 from captionjax import monitor
 from captionjax import optim
@@ -55,36 +57,41 @@ def add_arguments(p):
   p.add_argument("--workdir", required=True,
                  help="checkpoints, logs and results; an existing run there is resumed")
   p.add_argument("--config", default="default",
-                 help="a config name in captionjax/configs or a config file path")
+                 help=f"a config name ({', '.join(configs.names())}) or a config file path")
   p.add_argument("--no_progress", action="store_true", help="no progress bars")
   p.add_argument("--start_from", default="",
                  help="initialize the model from another run's latest checkpoint "
                       "(NeuralTalk2's -start_from), e.g. to go on with CNN fine-tuning")
+  p.epilog = ("Any config field is set with --config.FIELD=VALUE (dotted for nested fields, "
+              "e.g. --config.model.rnn_size=512); the fields and their meaning are in "
+              "captionjax/configs/default.py.")
 
 
 def run(args) -> int:
   error = lambda msg: print(f"captionjax train: error: {msg}", file=sys.stderr, flush=True)
   bad = [item for item in args.extra if not item.startswith("--config.")]
   if bad:
-    error(f"unrecognized argument {bad[0]}")
-    return 2
+    error(f"unrecognized argument {bad[0]} (config fields are set with --config.FIELD=VALUE)")
+    return cli.EXIT_USAGE
   try:
     config = configs.load_config(args.config, [item[len("--config."):] for item in args.extra])
   except configs.ConfigError as e:
     error(e)
-    return 2
+    return cli.EXIT_USAGE
   try:
     train_and_evaluate(config, args.workdir, progress=not args.no_progress,
                        start_from=args.start_from or None)
   except ckpt_lib.Preempted as e:
     print(f"captionjax train: {e}", file=sys.stderr, flush=True)
     return 128 + e.signum
-  # A diverged loss, an unwritable or full workdir, missing files, bad config
-  # values, incompatible checkpoints, bad data: one line, no traceback.
-  except (monitor.Diverged, OSError, ValueError) as e:
+  except (monitor.Diverged, OSError, ValueError) as e:  # one line each, no traceback
+    if args.debug:
+      raise
     error(cli.error_line(e, args.workdir))
-    return 1
-  return 0
+    # The run failed (diverged, a full disk): 1; bad config, data or checkpoints: 2.
+    failed = isinstance(e, monitor.Diverged) or getattr(e, "errno", None) == errno.ENOSPC
+    return cli.EXIT_FAILED if failed else cli.EXIT_USAGE
+  return cli.EXIT_OK
 
 
 @dataclasses.dataclass
@@ -247,8 +254,7 @@ def _start_or_resume(r: Run, latest, start_from, params, batch_stats, feat_dim, 
     params, batch_stats = ckpt_lib.load_start_from(start_from, config, r.vocab, params,
                                                    batch_stats, say)
   started_from = meta.get("started_from") if meta is not None else start_from
-  with open(os.path.join(r.workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  files.write_text(os.path.join(r.workdir, "config.json"), config.to_json_best_effort(indent=1))
   r.vocab.save(os.path.join(r.workdir, "vocab.json"))
   pretrain = config.cnn_pretrain_steps if all(o is not None for o in r.train_data.objects) else 0
   if config.cnn_pretrain_steps and not pretrain:
@@ -302,7 +308,8 @@ def caption_phases(r: Run, states: optim.TrainStates, state, pretrain: int) -> l
     t0 = time.time()
     splits = {"train": r.train_data, **({"val": r.val_data} if r.val_data is not None else {})}
     features = evaluation.compute_features(r.cnn, state["params"]["cnn"], state["batch_stats"],
-                                           splits, config.eval_batch_size, r.mesh_put)
+                                           splits, config.eval_batch_size, r.mesh_put,
+                                           config.crop_size)
     say(f"features: {features['train'].shape} computed in {time.time() - t0:.1f}s")
 
   def batch_fn(b):  # the CNN's input: cached features, or the images

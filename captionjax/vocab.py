@@ -92,8 +92,9 @@ class Vocabulary:
     return {"ix_to_word": {str(i + 1): w for i, w in enumerate(self.words)}}
 
   def save(self, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(self.to_json(), f, ensure_ascii=False, indent=0)
+    """Writes vocab.json, atomically (captionjax/files.py)."""
+    from captionjax import files  # pylint: disable=g-import-not-at-top
+    files.write_json(path, self.to_json(), indent=0)
 
   @classmethod
   def load(cls, path: str) -> "Vocabulary":

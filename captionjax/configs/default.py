@@ -67,8 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.beta2 = 0.999  # Adam beta2 (NeuralTalk2's optim_beta)
   c.epsilon = 1e-8  # Adam epsilon
   c.grad_clip = 0.1  # clip each gradient element to [-c, c] (NeuralTalk2's rule)
-  c.learning_rate_decay_start = 500  # step where halving starts (-1 = never)
-  c.learning_rate_decay_every = 250  # halve the learning rate every N steps
+  c.learning_rate_decay_start = 500  # caption step where the decay starts (-1 = never)
+  c.learning_rate_decay_every = 250  # the rate halves every N steps after that
+  # "step": x0.5 at the decay start, then x0.5 every N steps (this recipe's);
+  # "neuraltalk2": NeuralTalk2's smooth 0.5 ** ((step - start) / N), also for the CNN.
+  c.learning_rate_schedule = "step"
   c.cnn_learning_rate = 1e-5  # Adam learning rate of the CNN when fine-tuning
   c.cnn_weight_decay = 0.0  # L2 weight decay of the CNN when fine-tuning
   c.cnn_beta1 = 0.8  # Adam beta1 of the CNN

@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.grad_clip = 0.1  # NeuralTalk2's grad_clip (element-wise)
   c.learning_rate_decay_start = -1  # NeuralTalk2's default: no decay
   c.learning_rate_decay_every = 50_000  # NeuralTalk2's default (used when decay starts)
+  c.learning_rate_schedule = "neuraltalk2"  # NeuralTalk2's decay, for the LM and the CNN
   c.cnn_learning_rate = 1e-5  # NeuralTalk2's cnn_learning_rate
   c.cnn_weight_decay = 0.0  # NeuralTalk2's cnn_weight_decay
   c.cnn_beta1 = 0.8  # NeuralTalk2's cnn_optim_alpha
