@@ -45,7 +45,7 @@ def run(args) -> int:
                             args.num_workers)
   except (weights_lib.WeightsError, FileNotFoundError, NotADirectoryError, ValueError) as e:
     print(f"captionjax features: error: {e}", file=sys.stderr)
-    return 1
+    return 2
   return 0 if names else 1
 
 

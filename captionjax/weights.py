@@ -75,7 +75,7 @@ def run(args) -> int:
     meta = save(params, args.output, source=path, source_format=fmt, preprocess=args.preprocess)
   except (WeightsError, OSError) as e:
     print(f"captionjax import-weights: error: {e}", file=sys.stderr)
-    return 1
+    return 2
   print(json.dumps({"output": args.output, "preprocess": meta["preprocess"],
                     "layers": len(meta["layers"]), "fc1_input": meta["fc1_input"]}))
   return 0
@@ -297,7 +297,7 @@ def load_meta(weights_dir: str) -> dict:
   path = os.path.join(weights_dir, META_FILE)
   if not os.path.isfile(path):
     raise WeightsError(f"{weights_dir}: no {META_FILE} (write it with "
-                       "`captionjax import-weights --output={weights_dir}`)")
+                       f"`captionjax import-weights --output={weights_dir}`)")
   try:
     with open(path, encoding="utf-8") as f:
       meta = json.load(f)

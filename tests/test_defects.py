@@ -254,3 +254,11 @@ def test_make_shapes_rejects_bad_sizes(tmp_path, capsys):
   assert cli.main(["make-shapes", f"--output_dir={tmp_path}", "--num_train=-5"]) == 2
   errors = _errors(capsys)
   assert len(errors) == 2 and "16..512" in errors[0] and "--num_train" in errors[1]
+
+
+def test_features_error_names_the_weights_folder(tmp_path, photos, capsys):
+  rc = cli.main(["features", f"--weights={tmp_path}", f"--images={photos}",
+                 f"--output={tmp_path}/f.npy"])
+  errors = _errors(capsys)
+  assert rc == 2 and len(errors) == 1, errors
+  assert f"--output={tmp_path}" in errors[0] and "{weights_dir}" not in errors[0]

@@ -240,11 +240,23 @@ def test_cli_evaluate(tmp_path):
     ({"annotations": [{"image_id": 1, "caption": "a dog"}]}, {"x": 1}, "JSON list"),
     ({"annotations": [{"image_id": 1, "caption": "a dog"}]},
      [{"image_id": 2, "caption": "a cat"}], "not in"),
+    ({"annotations": [{"image_id": [1], "caption": "a dog"}]}, [], "image_id is a list"),
+    ({"annotations": [{"image_id": 1, "caption": " "}, {"image_id": 1, "caption": ""}]},
+     [{"image_id": 1, "caption": "a cat"}], "only empty reference"),
 ])
 def test_cli_errors(tmp_path, capsys, ann, res, message):
+  """Malformed input: one line naming the problem, exit 2, no traceback."""
   from captionjax import cli
   code = cli.main(["evaluate", f"--annotations={_write(tmp_path, 'a.json', ann)}",
                    f"--results={_write(tmp_path, 'r.json', res)}", "--metrics=bleu"])
   err = capsys.readouterr().err
   assert code == 2
   assert message in err and err.count("\n") == 1
+
+
+def test_cli_no_metric_named(tmp_path, capsys):
+  from captionjax import cli
+  ann = _write(tmp_path, "a.json", {"annotations": [{"image_id": 1, "caption": "a dog"}]})
+  res = _write(tmp_path, "r.json", [{"image_id": 1, "caption": "a dog"}])
+  assert cli.main(["evaluate", f"--annotations={ann}", f"--results={res}", "--metrics=,"]) == 2
+  assert "names no metric" in capsys.readouterr().err

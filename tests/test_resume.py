@@ -192,16 +192,17 @@ def _leaves(tree):
 
 
 def test_clear_one_line_errors(tmp_path, shapes_dir, trained_workdir, capsys):
+  # Bad input exits 2; a run that fails on its own (a full disk) exits 1.
   # An unknown config field.
   rc, errors = _cli(capsys, f"--workdir={tmp_path / 'a'}", "--config.no_such_field=1")
   assert rc == 2 and len(errors) == 1 and "no_such_field" in errors[0], errors
   # A missing data set.
   rc, errors = _cli(capsys, f"--workdir={tmp_path / 'b'}", "--config.dataset=/no/such/data")
-  assert rc == 1 and len(errors) == 1 and "/no/such/data" in errors[0], errors
+  assert rc == 2 and len(errors) == 1 and "/no/such/data" in errors[0], errors
   # A workdir that cannot be created or written (under a regular file).
   (tmp_path / "file").write_text("x")
   rc, errors = _cli(capsys, f"--workdir={tmp_path / 'file' / 'run'}", *tiny_args(shapes_dir))
-  assert rc == 1 and len(errors) == 1 and "not writable" in errors[0], errors
+  assert rc == 2 and len(errors) == 1 and "not writable" in errors[0], errors
   # A full disk: /dev/full answers every write with ENOSPC.
   full = tmp_path / "full"
   full.mkdir()
@@ -213,13 +214,13 @@ def test_clear_one_line_errors(tmp_path, shapes_dir, trained_workdir, capsys):
   shutil.copytree(trained_workdir, other)
   before = (other / "config.json").read_text()
   rc, errors = _cli(capsys, f"--workdir={other}", *tiny_args(shapes_dir, model__rnn_size=64))
-  assert rc == 1 and len(errors) == 1, errors
+  assert rc == 2 and len(errors) == 1, errors
   assert "model.rnn_size=32" in errors[0] and "use a new --workdir" in errors[0], errors
   assert (other / "config.json").read_text() == before
   # --start_from a run that does not exist.
   rc, errors = _cli(capsys, f"--workdir={tmp_path / 'c'}", f"--start_from={tmp_path / 'none'}",
                     *tiny_args(shapes_dir))
-  assert rc == 1 and len(errors) == 1 and "--start_from" in errors[0], errors
+  assert rc == 2 and len(errors) == 1 and "--start_from" in errors[0], errors
 
 
 def test_start_from_another_run_fine_tunes_the_cnn(tmp_path, shapes_dir, trained_workdir, capsys):

@@ -223,9 +223,9 @@ def test_torch_errors_are_clear(tmp_path):
     f.truncate(os.path.getsize(path) - 100)
   with pytest.raises(weights.WeightsError, match="t.safetensors.*truncated"):
     weights.read_safetensors(path)
-  # .pth without torch, or a missing file: one line, exit status 1.
+  # .pth without torch, or a missing file: one line, exit status 2 (bad input).
   assert cli.main(["import-weights", f"--torch_state_dict={tmp_path}/none.pth",
-                   f"--output={tmp_path}/o"]) == 1
+                   f"--output={tmp_path}/o"]) == 2
 
 
 def test_keras_errors_are_clear(tmp_path):
@@ -296,4 +296,4 @@ def test_features_command_matches_keras_fc2(keras_vgg16, imported, tmp_path):
   np.testing.assert_allclose(feats[2], extractor(np.stack([small, u8[1]]))[0],
                              rtol=1e-5, atol=1e-5 * np.abs(feats).max())
   assert cli.main(["features", f"--weights={imported}", f"--images={tmp_path}/none",
-                   f"--output={out}"]) == 1
+                   f"--output={out}"]) == 2

@@ -47,7 +47,11 @@ def _caption_entry(entry, path: str, index: int, what: str):
     raise InputError(f"{path}: {what}[{index}] needs 'image_id' and 'caption'")
   if not isinstance(entry["caption"], str):
     raise InputError(f"{path}: {what}[{index}].caption is not a string")
-  return entry["image_id"], entry["caption"]
+  image_id = entry["image_id"]
+  if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+    raise InputError(f"{path}: {what}[{index}].image_id is a {type(image_id).__name__}; "
+                     "it must be a number or a string")
+  return image_id, entry["caption"]
 
 
 def load_annotations(path: str) -> Dict[object, List[str]]:
@@ -87,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
   """Runs `captionjax evaluate`; returns the exit status."""
   from captionjax import metrics  # pylint: disable=import-outside-toplevel
   try:
-    names = [m for m in args.metrics.split(",") if m.strip()]
+    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if not names:
+      raise InputError(f"--metrics={args.metrics!r}: names no metric "
+                       "(a comma-separated subset of bleu,meteor,rouge,cider,spice)")
     metrics._check_metrics(names)  # pylint: disable=protected-access
     gts = load_annotations(args.annotations)
     res = load_results(args.results)
@@ -95,8 +102,12 @@ def run(args: argparse.Namespace) -> int:
     if missing:
       raise InputError(f"{args.results}: {len(missing)} result image_id(s) not in "
                        f"{args.annotations}, e.g. {missing[0]!r}")
+    empty = [k for k in res if not any(c.strip() for c in gts[k])]
+    if empty:
+      raise InputError(f"{args.annotations}: image_id {empty[0]!r} has only empty reference "
+                       f"captions ({len(empty)} such images); CIDEr needs words to compare")
   except (InputError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"captionjax evaluate: error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT
   print(f"scoring {len(res)} images ({sum(len(gts[k]) for k in res)} references)",
         file=sys.stderr)
