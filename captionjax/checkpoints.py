@@ -148,11 +148,15 @@ class Checkpointer:
 
   # ---- save and restore
 
-  def save(self, step: int, state, meta: dict) -> None:
-    """Starts saving `state` and `meta` as checkpoint `step`; prunes old ones."""
+  def save(self, step: int, state, meta: dict, host_copy: bool = False) -> None:
+    """Starts saving `state` and `meta` as checkpoint `step`; prunes old ones.
+
+    `host_copy`: `state` is already a numpy copy of its own (not a view of
+    device buffers the next step may donate), so it is not copied again.
+    """
     ocp = self._ocp
     self.wait()  # the previous save is complete: only then may older ones go
-    host = jax.tree_util.tree_map(np.array, jax.device_get(state))  # a copy the next step cannot donate
+    host = state if host_copy else jax.tree_util.tree_map(np.array, jax.device_get(state))
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True)
@@ -206,11 +210,17 @@ def read_meta(ckpt: Checkpointer, step: int) -> dict:
     raise CheckpointError(f"{ckpt.path(step)}: unreadable checkpoint ({_first_line(e)})") from None
 
 
-def restore_state(ckpt: Checkpointer, step: int, target):
-  """The train state of checkpoint `step`, shaped as `target` (CheckpointError if not)."""
+def restore_state(ckpt: Checkpointer, step: int, target, older_target=None):
+  """The train state of checkpoint `step`, shaped as `target` (CheckpointError if not).
+
+  `older_target`: the shape of the same state as an older version saved it,
+  tried when `target` does not fit.
+  """
   try:
     return ckpt.restore(step, target)
   except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+    if older_target is not None:
+      return restore_state(ckpt, step, older_target)
     raise CheckpointError(f"{ckpt.path(step)}: cannot restore ({_first_line(e)}): "
                           "use a new --workdir or delete that step") from None
 

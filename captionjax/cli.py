@@ -13,6 +13,7 @@ field; `--debug` (or CAPTIONJAX_DEBUG=1) shows the traceback instead.
 """
 
 import argparse
+import errno
 import importlib
 import os
 import signal
@@ -37,12 +38,11 @@ SUBCOMMANDS = {
 
 def os_error_line(e: OSError, default_name: str) -> str:
   """One line for an OSError, naming its file (or `default_name` when it has none)."""
-  import errno  # pylint: disable=g-import-not-at-top
   if e.filename is None and e.strerror is None:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
   name = e.filename if e.filename is not None else default_name
   hint = " (free some space, or use another --workdir)" if e.errno == errno.ENOSPC else ""
-  return f"{name}: {e.strerror or e}{hint}"
+  return f"{name}: {e.strerror or e}{hint}" if name else f"{e.strerror or e}{hint}"
 
 
 def error_line(e: Exception, default_name: str) -> str:
@@ -109,18 +109,21 @@ def run_command(prog: str, fn, debug: bool = False) -> int:
   except BrokenPipeError:
     _quiet_stdout()
     return EXIT_FAILED
-  except (OSError, ValueError, UnicodeError, KeyError, IndexError, TypeError) as e:
-    if debug:
+  except (OSError, ValueError, UnicodeError, KeyError, IndexError, TypeError,
+          RuntimeError) as e:
+    if debug or isinstance(e, RuntimeError) and not hasattr(e, "exit_status"):
       raise
     if isinstance(e, OSError) and e.filename is None and _stdout_broken():
       _quiet_stdout()
       print(f"{prog}: error: cannot write to standard output ({e.strerror or e})",
             file=sys.stderr, flush=True)
       return EXIT_FAILED
-    print(f"{prog}: error: {error_line(e, '')}"
-          + ("" if isinstance(e, (OSError, ValueError)) else f" ({type(e).__name__}; "
-             f"run with --debug for the traceback)"), file=sys.stderr, flush=True)
-    return EXIT_USAGE
+    known = isinstance(e, (OSError, ValueError)) or hasattr(e, "exit_status")
+    print(f"{prog}: error: {error_line(e, '')}" + ("" if known else f" ({type(e).__name__}; "
+          "run with --debug for the traceback)"), file=sys.stderr, flush=True)
+    # A run that failed on its own (diverged, a full disk): 1; bad input: 2.
+    return getattr(e, "exit_status", EXIT_FAILED if getattr(e, "errno", None) == errno.ENOSPC
+                   else EXIT_USAGE)
 
 
 def _stdout_broken() -> bool:

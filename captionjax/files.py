@@ -32,8 +32,11 @@ def write_bytes(path: str, data: bytes) -> None:
   if _is_special(path):
     if stat.S_ISDIR(os.stat(path).st_mode):
       raise IsADirectoryError(21, "is a directory", path)
-    with open(path, "wb") as f:
-      f.write(data)
+    try:
+      with open(path, "wb") as f:
+        f.write(data)
+    except OSError as e:  # a device's write errors carry no file name
+      raise OSError(e.errno, e.strerror, e.filename or path) from None
     return
   target = os.path.realpath(path)  # through a symlink: replace what it points to
   folder = os.path.dirname(target) or "."

@@ -148,6 +148,7 @@ def plot_curves(workdir: str) -> list:
 
 class Diverged(RuntimeError):
   """The loss became NaN or Inf, or rose above `factor` x the first loss."""
+  exit_status = 1  # the run failed (not bad input): see captionjax/cli.py
 
 
 def check_loss(loss: float, first_loss, factor: float = 20.0, where: str = "") -> None:

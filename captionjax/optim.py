@@ -79,6 +79,8 @@ class TrainStates:
     self.tx_pre = pretrain_optimizer(config)
     self.tx_lm, self.lr_schedule = lm_optimizer(config)
     self.tx_cnn = cnn_optimizer(config)
+    # The CNN's Adam state (two copies of its parameters) exists only where it is fine-tuned.
+    self.finetune = config.finetune_cnn_after >= 0 and not config.cached_features
     self.lm_keys = build.LM_KEYS
     kw = config.model.cnn_kwargs
     self.heads = build.object_heads(kw.get("grid", 1), 0 if kw.get("cell_fc", 0) else 256)
@@ -90,8 +92,11 @@ class TrainStates:
     return {"step": jnp.int32(0), "params": p, "batch_stats": self.batch_stats,
             "opt_state": self.tx_pre.init(p)}
 
-  def caption(self, params, batch_stats, step: int) -> dict:
-    """The captioner's parameters with fresh LM and CNN optimizer states."""
-    lm_part = {k: params[k] for k in self.lm_keys}
+  def caption(self, params, batch_stats, step: int, cnn_opt=None) -> dict:
+    """The captioner's parameters with fresh optimizer states: the LM's, and
+    the CNN's when it will be fine-tuned (or `cnn_opt` says so)."""
+    opt = {"lm": self.tx_lm.init({k: params[k] for k in self.lm_keys})}
+    if self.finetune if cnn_opt is None else cnn_opt:
+      opt["cnn"] = self.tx_cnn.init(params["cnn"])
     return {"step": jnp.int32(step), "params": params, "batch_stats": batch_stats,
-            "opt_state": {"lm": self.tx_lm.init(lm_part), "cnn": self.tx_cnn.init(params["cnn"])}}
+            "opt_state": opt}

@@ -23,7 +23,6 @@ optim.py; evaluation: evaluation.py). Each phase is a `Phase` value run by
 """
 
 import dataclasses
-import errno
 import functools
 import os
 import signal
@@ -62,35 +61,24 @@ def add_arguments(p):
   p.add_argument("--start_from", default="",
                  help="initialize the model from another run's latest checkpoint "
                       "(NeuralTalk2's -start_from), e.g. to go on with CNN fine-tuning")
-  p.epilog = ("Any config field is set with --config.FIELD=VALUE (dotted for nested fields, "
-              "e.g. --config.model.rnn_size=512); the fields and their meaning are in "
-              "captionjax/configs/default.py.")
+  p.epilog = ("Set any config field with --config.FIELD=VALUE (dotted when nested: "
+              "--config.model.rnn_size=512); captionjax/configs/default.py explains each.")
 
 
 def run(args) -> int:
-  error = lambda msg: print(f"captionjax train: error: {msg}", file=sys.stderr, flush=True)
+  """Bad flags, config, data or checkpoints raise (one line, exit 2: cli.run_command),
+  as do a diverged run and a full disk (exit 1)."""
   bad = [item for item in args.extra if not item.startswith("--config.")]
   if bad:
-    error(f"unrecognized argument {bad[0]} (config fields are set with --config.FIELD=VALUE)")
-    return cli.EXIT_USAGE
-  try:
-    config = configs.load_config(args.config, [item[len("--config."):] for item in args.extra])
-  except configs.ConfigError as e:
-    error(e)
-    return cli.EXIT_USAGE
+    raise configs.ConfigError(f"unrecognized argument {bad[0]} (config fields are set "
+                              "with --config.FIELD=VALUE)")
+  config = configs.load_config(args.config, [item[len("--config."):] for item in args.extra])
   try:
     train_and_evaluate(config, args.workdir, progress=not args.no_progress,
                        start_from=args.start_from or None)
   except ckpt_lib.Preempted as e:
-    print(f"captionjax train: {e}", file=sys.stderr, flush=True)
+    say(f"captionjax train: {e}")
     return 128 + e.signum
-  except (monitor.Diverged, OSError, ValueError) as e:  # one line each, no traceback
-    if args.debug:
-      raise
-    error(cli.error_line(e, args.workdir))
-    # The run failed (diverged, a full disk): 1; bad config, data or checkpoints: 2.
-    failed = isinstance(e, monitor.Diverged) or getattr(e, "errno", None) == errno.ENOSPC
-    return cli.EXIT_FAILED if failed else cli.EXIT_USAGE
   return cli.EXIT_OK
 
 
@@ -136,7 +124,7 @@ class Run:
     """Checkpoints `state` at the current step (monitor.Diverged if it is not finite)."""
     host = jax.tree_util.tree_map(np.array, jax.device_get(state))  # host sync
     monitor.check_finite(host, where=f"step {self.step}: ")
-    self.ckpt.save(self.step, host, {
+    self.ckpt.save(self.step, host, host_copy=True, meta={
         "step": self.step, "phase": phase, **self.meta, "data_position": self.position,
         "rng": np.asarray(self.rng).tolist(), "first_loss": self.first_loss,
         "config": self.config.to_dict()})
@@ -248,6 +236,8 @@ def _start_or_resume(r: Run, latest, start_from, params, batch_stats, feat_dim, 
   config, meta = r.config, None
   if latest is not None:
     meta = ckpt_lib.read_meta(r.ckpt, latest)
+    if start_from:
+      say(f"note: --start_from={start_from} ignored: {r.workdir} has a checkpoint to resume")
     for k, a, b in ckpt_lib.check_compatible(meta, config, r.vocab, r.ckpt.path(latest)):
       say(f"note: config.{k} changed since the checkpoint: {a!r} -> {b!r}")
   elif start_from:
@@ -270,7 +260,10 @@ def _start_or_resume(r: Run, latest, start_from, params, batch_stats, feat_dim, 
   if latest is not None:
     if meta["phase"] == PHASE_CAPTION and pretrain:
       state = states.caption(params, batch_stats, 0)
-    state = ckpt_lib.restore_state(r.ckpt, latest, state)
+    # Checkpoints saved before frozen CNNs lost their Adam state have one.
+    older = states.caption(params, batch_stats, 0, True) if "opt_state" in state and (
+        meta["phase"] == PHASE_CAPTION and "cnn" not in state["opt_state"]) else None
+    state = ckpt_lib.restore_state(r.ckpt, latest, state, older)
     r.step, r.position = int(meta["step"]), int(meta.get("data_position", 0))
     r.first_loss = dict(meta.get("first_loss", {}))
     if meta.get("rng") is not None:
@@ -305,11 +298,11 @@ def caption_phases(r: Run, states: optim.TrainStates, state, pretrain: int) -> l
   if mode == "features":
     if config.finetune_cnn_after >= 0:
       raise ValueError("cached_features=True freezes the CNN: set finetune_cnn_after=-1")
-    t0 = time.time()
-    splits = {"train": r.train_data, **({"val": r.val_data} if r.val_data is not None else {})}
-    features = evaluation.compute_features(r.cnn, state["params"]["cnn"], state["batch_stats"],
-                                           splits, config.eval_batch_size, r.mesh_put,
-                                           config.crop_size)
+    t0, splits = time.time(), {"train": r.train_data, "val": r.val_data}
+    features = evaluation.compute_features(
+        r.cnn, state["params"]["cnn"], state["batch_stats"],
+        {k: v for k, v in splits.items() if v is not None}, config.eval_batch_size, r.mesh_put,
+        config.crop_size)
     say(f"features: {features['train'].shape} computed in {time.time() - t0:.1f}s")
 
   def batch_fn(b):  # the CNN's input: cached features, or the images
