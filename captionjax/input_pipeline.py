@@ -95,13 +95,16 @@ def load_split(data_dir: str, split: str, decode: bool | None = None) -> SplitDa
 
   ds = tf.data.TFRecordDataset(files).map(parse, num_parallel_calls=2)
   imgs, caps, ncap, ids, names, objs = [], [], [], [], [], []
-  for ex in ds.as_numpy_iterator():
-    imgs.append(ex["image"])
-    caps.append(ex["captions"])
-    ncap.append(int(ex["num_captions"]))
-    ids.append(int(ex["image_id"]))
-    names.append(ex["file_name"].decode("utf-8"))
-    objs.append(json.loads(ex["objects"]) if ex["objects"] else None)
+  try:
+    for ex in ds.as_numpy_iterator():
+      imgs.append(ex["image"])
+      caps.append(ex["captions"])
+      ncap.append(int(ex["num_captions"]))
+      ids.append(int(ex["image_id"]))
+      names.append(ex["file_name"].decode("utf-8"))
+      objs.append(json.loads(ex["objects"]) if ex["objects"] else None)
+  except tf.errors.OpError as e:
+    raise _damaged(data_dir, split, e) from None
   c = max(x.shape[0] for x in caps)
   padded = np.zeros((len(caps), c, max_length), np.int32)
   for i, x in enumerate(caps):
@@ -109,6 +112,30 @@ def load_split(data_dir: str, split: str, decode: bool | None = None) -> SplitDa
   images = np.stack(imgs) if decode else np.array(imgs, dtype=object)
   return SplitData(images, padded, np.array(ncap, np.int32), np.array(ids, np.int64),
                    names, objs, size, max_length)
+
+
+def _damaged(data_dir: str, split: str, e) -> ValueError:
+  msg = str(getattr(e, "message", e)).strip().splitlines()
+  return ValueError(f"{data_dir}: the records of split {split!r} are damaged "
+                    f"({type(e).__name__}: {msg[0] if msg else ''}); run prepro again "
+                    "(--force) to rewrite them")
+
+
+def check_splits(data_dir: str, splits) -> None:
+  """ValueError unless every record of `splits` (those the data set has) reads back.
+
+  A quick pass, nothing decoded: the trainer checks its test splits at the
+  start, so that a damaged file fails the run before training, not after it.
+  """
+  info, tf = records.load_info(data_dir), _tf()
+  for split in sorted(set(splits) & set(info["splits"])):
+    try:
+      n = sum(1 for _ in tf.data.TFRecordDataset(records.split_files(data_dir, split)))
+    except tf.errors.OpError as e:
+      raise _damaged(data_dir, split, e) from None
+    if n != info["splits"][split]:
+      raise ValueError(f"{data_dir}: split {split!r} has {n} records, dataset_info.json says "
+                       f"{info['splits'][split]}; run prepro again (--force)")
 
 
 # ------------------------------------------------ preprocessing ops (dict -> dict)

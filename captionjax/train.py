@@ -187,6 +187,7 @@ def _train(config, workdir, progress, start_from, ckpt, latest, stop, t_start) -
           vocab_lib.Vocabulary.load(data_dir), load("train"),
           load("val") if "val" in info["splits"] else None, progress=progress, saved_step=latest)
   say(f"data: {data_dir}: {len(r.train_data)} training images, vocabulary {len(r.vocab)}")
+  input_pipeline.check_splits(data_dir, [config.test_split, *config.extra_test_splits])
 
   # ---- model
   r.cnn, r.lm, _ = build.make_models(config, len(r.vocab))

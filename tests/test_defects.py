@@ -262,3 +262,19 @@ def test_features_error_names_the_weights_folder(tmp_path, photos, capsys):
   errors = _errors(capsys)
   assert rc == 2 and len(errors) == 1, errors
   assert f"--output={tmp_path}" in errors[0] and "{weights_dir}" not in errors[0]
+
+
+def test_a_damaged_test_split_fails_before_training(shapes_dir, tmp_path, capsys):
+  import shutil
+  from captionjax import records
+  from conftest import tiny_args
+  data = tmp_path / "data"
+  shutil.copytree(shapes_dir, data)
+  shard = records.split_files(str(data), "test")[0]
+  with open(shard, "r+b") as f:
+    f.truncate(os.path.getsize(shard) - 50)
+  rc = cli.main(["train", f"--workdir={tmp_path}/w", "--no_progress",
+                 *tiny_args(str(data))])
+  errors = _errors(capsys)
+  assert rc == 2 and len(errors) == 1 and "'test'" in errors[0] and "damaged" in errors[0]
+  assert not os.listdir(tmp_path / "w" / "checkpoints")  # before any training step
