@@ -96,49 +96,71 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
 def run_command(prog: str, fn, debug: bool = False) -> int:
   """fn() -> exit status, with known errors as one line (status 2) and Ctrl-C as 130.
 
-  Output to a closed pipe or a full disk on stdout ends the command quietly
-  (status 1) rather than with a traceback.
+  Output to a closed pipe or a full disk on stdout ends the command with one
+  line and status 1 rather than a traceback.
   """
+  real_stdout = sys.stdout
+  sys.stdout = _Stdout(real_stdout)
   try:
-    return int(fn() or 0)
+    status = int(fn() or 0)
+    sys.stdout.flush()  # a full disk on stdout shows here, not at exit
+    return status
   except KeyboardInterrupt:
     if debug:
       raise
     print(f"{prog}: interrupted", file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED
-  except BrokenPipeError:
-    _quiet_stdout()
+  except StdoutError as e:
+    _quiet_stdout(real_stdout)
+    if e.errno != errno.EPIPE:  # a closed pipe (`| head`) is not worth a word
+      print(f"{prog}: error: cannot write to standard output ({e.strerror or e})",
+            file=sys.stderr, flush=True)
     return EXIT_FAILED
   except (OSError, ValueError, UnicodeError, KeyError, IndexError, TypeError,
           RuntimeError) as e:
     if debug or isinstance(e, RuntimeError) and not hasattr(e, "exit_status"):
       raise
-    if isinstance(e, OSError) and e.filename is None and _stdout_broken():
-      _quiet_stdout()
-      print(f"{prog}: error: cannot write to standard output ({e.strerror or e})",
-            file=sys.stderr, flush=True)
-      return EXIT_FAILED
     known = isinstance(e, (OSError, ValueError)) or hasattr(e, "exit_status")
     print(f"{prog}: error: {error_line(e, '')}" + ("" if known else f" ({type(e).__name__}; "
           "run with --debug for the traceback)"), file=sys.stderr, flush=True)
     # A run that failed on its own (diverged, a full disk): 1; bad input: 2.
     return getattr(e, "exit_status", EXIT_FAILED if getattr(e, "errno", None) == errno.ENOSPC
                    else EXIT_USAGE)
+  finally:
+    sys.stdout = real_stdout
 
 
-def _stdout_broken() -> bool:
-  try:
-    sys.stdout.flush()
-    return False
-  except OSError:
-    return True
+class StdoutError(OSError):
+  """Writing to standard output failed (a full disk, a closed pipe)."""
 
 
-def _quiet_stdout() -> None:
+class _Stdout:
+  """sys.stdout, whose write errors become StdoutError (told apart from file errors)."""
+
+  def __init__(self, stream):
+    self._stream = stream
+
+  def write(self, text):
+    try:
+      return self._stream.write(text)
+    except OSError as e:
+      raise StdoutError(e.errno, e.strerror) from None
+
+  def flush(self):
+    try:
+      self._stream.flush()
+    except OSError as e:
+      raise StdoutError(e.errno, e.strerror) from None
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
+def _quiet_stdout(stream) -> None:
   """Points stdout at /dev/null so that Python's exit-time flush does not fail again."""
   try:
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, stream.fileno())
   except (OSError, ValueError):
     pass
 

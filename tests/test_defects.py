@@ -278,3 +278,18 @@ def test_a_damaged_test_split_fails_before_training(shapes_dir, tmp_path, capsys
   errors = _errors(capsys)
   assert rc == 2 and len(errors) == 1 and "'test'" in errors[0] and "damaged" in errors[0]
   assert not os.listdir(tmp_path / "w" / "checkpoints")  # before any training step
+
+
+def test_stdout_on_a_full_disk(tmp_path):
+  import subprocess
+  import sys
+  ann = tmp_path / "a.json"
+  ann.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a dog"}]}))
+  res = tmp_path / "r.json"
+  res.write_text(json.dumps([{"image_id": 1, "caption": "a dog"}]))
+  with open("/dev/full", "w") as full:
+    proc = subprocess.run([sys.executable, "-m", "captionjax.cli", "evaluate",
+                           f"--annotations={ann}", f"--results={res}", "--metrics=bleu"],
+                          stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert "cannot write to standard output" in proc.stderr
