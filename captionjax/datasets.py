@@ -45,9 +45,15 @@ def _check_item(item, where: str) -> dict:
     raise DataError(f"{where}: expected an object, got {type(item).__name__}")
   if "file_path" not in item and "image_bytes" not in item:
     raise DataError(f"{where}: missing field 'file_path'")
+  if "file_path" in item and not isinstance(item["file_path"], str):
+    raise DataError(f"{where}: field 'file_path' must be a string, got {item['file_path']!r}")
   caps = item.get("captions")
   if caps is None and item.get("tokens") is None:
     raise DataError(f"{where}: missing field 'captions'")
+  toks = item.get("tokens")
+  if toks is not None and not (isinstance(toks, list) and all(
+      isinstance(t, list) and all(isinstance(w, str) for w in t) for t in toks)):
+    raise DataError(f"{where}: field 'tokens' must be a list of lists of strings")
   if caps is not None:
     if isinstance(caps, str):
       caps = [caps]

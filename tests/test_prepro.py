@@ -141,6 +141,8 @@ def test_warns_when_no_image_is_left_for_training(raw_set, tmp_path, capsys):
     ('[{"captions": ["x"]}]', "missing field 'file_path'"),
     ('[{"file_path": "a.jpg"}]', "missing field 'captions'"),
     ('[{"file_path": "a.jpg", "captions": [1, 2]}]', "list of strings"),
+    ('[{"file_path": 123, "captions": ["x"]}]', "'file_path' must be a string"),
+    ('[{"file_path": "a.jpg", "tokens": [["a", 2]]}]', "lists of strings"),
 ])
 def test_bad_input_json_is_one_clear_line(tmp_path, capsys, content, message):
   raw = tmp_path / "raw.json"
