@@ -20,6 +20,7 @@ Exit status: 0 every input captioned, 1 some failed (the rest are still
 captioned and written), 2 usage errors (bad flags, no checkpoint, no images).
 """
 
+import math
 import os
 import sys
 import time
@@ -130,6 +131,17 @@ def _check_args(args) -> None:
       raise UsageError(f"--{flag}={value}: cannot create folder {folder} ({e.strerror})") from None
   if args.video_output and args.video is None:
     raise UsageError("--video_output needs --video")
+  for flag in ("temperature", "length_penalty", "every_seconds"):
+    value = getattr(args, flag)
+    if value is not None and not math.isfinite(value):
+      raise UsageError(f"--{flag}={value}: must be a finite number")
+  if args.images is None:  # flags that only the image path uses are refused, not ignored
+    unused = [f"--{f}" for f in ("html", "vis_json") if getattr(args, f)]
+    unused += ["--num_images"] if args.num_images != -1 else []
+    if unused:
+      raise UsageError(f"{', '.join(unused)}: only with --images")
+  if not args.sample and args.temperature != 1.0:
+    raise UsageError(f"--temperature={args.temperature}: only with --sample")
 
 
 def _captioner(args, model, batch_size):

@@ -293,3 +293,26 @@ def test_stdout_on_a_full_disk(tmp_path):
                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
   assert "cannot write to standard output" in proc.stderr
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--length_penalty=nan"], "--length_penalty=nan"),
+    (["--sample", "--temperature=nan"], "--temperature=nan"),
+    (["--temperature=0.5"], "only with --sample"),
+])
+def test_caption_flags_that_cannot_work(workdir, photos, capsys, flags, words):
+  rc = cli.main(["caption", f"--checkpoint={workdir}", f"--images={photos}", *flags])
+  errors = _errors(capsys)
+  assert rc == 2 and len(errors) == 1 and words in errors[0], errors
+
+
+def test_caption_video_flags_that_would_be_ignored(workdir, tmp_path, capsys):
+  video = tmp_path / "v.mp4"
+  video.write_bytes(b"x")
+  rc = cli.main(["caption", f"--checkpoint={workdir}", f"--video={video}",
+                 f"--html={tmp_path}/g", "--every_seconds=nan"])
+  errors = _errors(capsys)
+  assert rc == 2 and len(errors) == 1 and "--every_seconds=nan" in errors[0], errors
+  rc = cli.main(["caption", f"--checkpoint={workdir}", f"--video={video}", f"--html={tmp_path}/g"])
+  errors = _errors(capsys)
+  assert rc == 2 and "--html: only with --images" in errors[0], errors
