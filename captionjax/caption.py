@@ -299,7 +299,8 @@ def run_images(args) -> int:
                                    title="captionjax captions", summary=summary)
       _say(f"gallery: {page}")
   except OSError as e:
-    raise UsageError(f"cannot write {e.filename}: {e.strerror}") from None
+    raise UsageError(f"cannot write {e.filename or args.vis_json or args.html}: "
+                     f"{e.strerror or e}") from None
   rate = len(paths) / dt if dt > 0 else float("inf")
   _say(f"captioned {len(records)} of {len(paths)} images in {dt:.1f}s ({rate:.1f} images/s, "
        f"decoding included, compile excluded)"

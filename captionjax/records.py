@@ -46,9 +46,12 @@ def load_info(data_dir: str) -> dict:
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"{path}: no such file; is {data_dir!r} the output of `captionjax prepro`?")
-  with open(path, encoding="utf-8") as f:
-    info = json.load(f)
-  if info.get("format_version") != FORMAT_VERSION:
+  try:
+    with open(path, encoding="utf-8") as f:
+      info = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path}: unsupported format_version {info.get('format_version')}")
   return info
 

@@ -301,9 +301,9 @@ def load_meta(weights_dir: str) -> dict:
   try:
     with open(path, encoding="utf-8") as f:
       meta = json.load(f)
-  except ValueError as e:
+  except (ValueError, UnicodeDecodeError) as e:
     raise WeightsError(f"{path}: not valid JSON ({e})") from None
-  if meta.get("preprocess") not in VGG16_PREPROCESS:
+  if not isinstance(meta, dict) or meta.get("preprocess") not in VGG16_PREPROCESS:
     raise WeightsError(f"{path}: field 'preprocess' must be one of {VGG16_PREPROCESS}, "
                        f"got {meta.get('preprocess')!r}")
   return meta

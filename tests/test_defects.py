@@ -316,3 +316,10 @@ def test_caption_video_flags_that_would_be_ignored(workdir, tmp_path, capsys):
   rc = cli.main(["caption", f"--checkpoint={workdir}", f"--video={video}", f"--html={tmp_path}/g"])
   errors = _errors(capsys)
   assert rc == 2 and "--html: only with --images" in errors[0], errors
+
+
+def test_a_damaged_dataset_info_names_the_file(tmp_path):
+  from captionjax import records
+  (tmp_path / records.INFO_FILE).write_bytes(b'{"format_version": \xff')
+  with pytest.raises(ValueError, match=str(tmp_path / records.INFO_FILE)):
+    records.load_info(str(tmp_path))
