@@ -101,6 +101,8 @@ def run_command(prog: str, fn, debug: bool = False) -> int:
   """
   real_stdout = sys.stdout
   sys.stdout = _Stdout(real_stdout)
+  if not debug:
+    sys.excepthook = _quiet_closed_loop(sys.excepthook)
   try:
     status = int(fn() or 0)
     sys.stdout.flush()  # a full disk on stdout shows here, not at exit
@@ -128,6 +130,16 @@ def run_command(prog: str, fn, debug: bool = False) -> int:
                    else EXIT_USAGE)
   finally:
     sys.stdout = real_stdout
+
+
+def _quiet_closed_loop(hook):
+  """sys.excepthook without 'Event loop is closed': after a failed Orbax restore,
+  TensorStore's outstanding reads still report to the closed loop, one traceback each."""
+  def quiet(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    hook(kind, value, tb)
+  return quiet
 
 
 class StdoutError(OSError):

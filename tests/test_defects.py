@@ -323,3 +323,20 @@ def test_a_damaged_dataset_info_names_the_file(tmp_path):
   (tmp_path / records.INFO_FILE).write_bytes(b'{"format_version": \xff')
   with pytest.raises(ValueError, match=str(tmp_path / records.INFO_FILE)):
     records.load_info(str(tmp_path))
+
+
+def test_a_truncated_checkpoint_is_one_line(workdir, photos, tmp_path):
+  """Orbax fails cleanly; TensorStore's late callbacks print no tracebacks."""
+  import shutil
+  import subprocess
+  import sys
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  for p in (run / "checkpoints").rglob("*"):  # every data file of the state, cut short
+    if p.is_file() and "d" in p.parts and p.stat().st_size > 64:
+      os.truncate(p, p.stat().st_size // 2)
+  proc = subprocess.run([sys.executable, "-m", "captionjax.cli", "caption", f"--checkpoint={run}",
+                         f"--images={photos}", "--no_progress"],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.count("error:") == 1 and "cannot restore" in proc.stderr, proc.stderr
