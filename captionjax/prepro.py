@@ -19,8 +19,8 @@ check, then two passes in a temporary folder beside the output:
   `_swap_in`: the output directory's prepro files replaced in one go.
 The output directory is only replaced when everything succeeded, so
 re-running with the same arguments is idempotent: the output files are byte
-for byte the same (the time taken is printed, not stored), whatever the
-number of workers. A re-run whose items, image files (size and mtime) and
+for byte the same (records are serialized with sorted map keys; the time
+taken is printed, not stored), whatever the number of workers or process. A re-run whose items, image files (size and mtime) and
 settings match the fingerprint stored in `dataset_info.json` does nothing
 (`--force` redoes it).
 
@@ -501,7 +501,7 @@ def write_records(images_bin: str, out: str, *, items: list[dict], ids: list,
           stats.add(c, vocab.unk_id)
         name = it.get("file_path", f"item-{index}")
         ex = records.make_example(data, ids[index], name, caps, max_length, it.get("objects"))
-        shards.write(split, ex.SerializeToString())
+        shards.write(split, ex.SerializeToString(deterministic=True))  # map keys sorted
         bar.update(1)
         _add_references(refs[split], it, ids[index], name)
   finally:
