@@ -7,20 +7,34 @@ Inputs (one of; see `captionjax.datasets`):
   --captions_csv=captions.csv      `image,caption` rows, one per caption
   --tfds=coco_captions --tfds_data_dir=DIR   a prepared TFDS set, offline
 
-Two passes. Pass 1 decodes and resizes every image on all cores (a broken
-image is skipped and named, never fatal) into a temporary file. The
-vocabulary is then built from the captions of the training images that were
-kept, and pass 2 writes the records with the encoded captions. The output
-directory is only replaced when everything succeeded, so re-running with the
-same arguments is idempotent: the output files are byte for byte the same
-(the time taken is printed, not stored), whatever the number of workers. A
-re-run whose items, image files (size and mtime) and settings match the
-fingerprint stored in `dataset_info.json` does nothing (`--force` redoes it).
+`prepro()` reads top to bottom: the items' splits and ids, the up-to-date
+check, then two passes in a temporary folder beside the output:
+  pass 1 (`decode_images`): every image decoded, resized to [image_size,
+    image_size, 3] and re-encoded (JPEG or PNG) on all cores, into one
+    temporary file; a broken image is skipped and named, never fatal;
+  the vocabulary (`build_vocabulary`), from the captions of the training
+    images that were kept;
+  pass 2 (`write_records`): one record per kept image with its encoded
+    captions [num_captions, max_length], the references, the info;
+  `_swap_in`: the output directory's prepro files replaced in one go.
+The output directory is only replaced when everything succeeded, so
+re-running with the same arguments is idempotent: the output files are byte
+for byte the same (records are serialized with sorted map keys; the time
+taken is printed, not stored), whatever the number of workers or process. A re-run whose items, image files (size and mtime) and
+settings match the fingerprint stored in `dataset_info.json` does nothing
+(`--force` redoes it).
+
+With more than one worker, pass 1 runs in `captionjax.pool`: when the OS
+kills a worker (out of memory), the image it was decoding is named on stderr
+and retried once in a fresh worker; if that worker dies too, the image is
+skipped like a broken one (named in `skipped` and on stderr) and the run goes
+on. With one worker the images are decoded in the main process.
 """
 
+import contextlib
+import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import random
 import shutil
@@ -33,6 +47,7 @@ from tqdm import tqdm
 
 from captionjax import datasets
 from captionjax import images
+from captionjax import pool
 from captionjax import records
 from captionjax import vocab as vocab_lib
 
@@ -160,26 +175,6 @@ def assign_splits(items: list[dict], num_val: int, num_test: int) -> list[str]:
   return splits
 
 
-def _process_image(job):
-  """Pass-1 worker: (index, source, ...) -> (index, encoded or None, reason).
-
-  The source is a path, the image's bytes, or (path, offset, length).
-  """
-  index, source, size, fmt, max_pixels = job
-  try:
-    if isinstance(source, tuple):
-      path, offset, length = source
-      with open(path, "rb") as f:
-        f.seek(offset)
-        source = f.read(length)
-    img = images.load_pil(source, size, max_pixels=max_pixels)
-    return index, images.encode_image(img, fmt), ""
-  except images.ImageError as e:
-    return index, None, str(e)
-  except OSError as e:
-    return index, None, f"cannot read ({e.strerror or e})"
-
-
 def fingerprint(items: list[dict], settings: dict, images_root: str) -> str | None:
   """A hash of everything the output depends on, or None when it can't be had.
 
@@ -248,14 +243,7 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
     raise ValueError("max_length, image_size and shard_size must be positive")
   t0 = time.time()
   splits = assign_splits(items, num_val, num_test)
-  ids = [it.get("id", i) for i, it in enumerate(items)]
-  if len(set(ids)) != len(ids):
-    first = {}
-    for i, image_id in enumerate(ids):
-      if image_id in first:
-        a, b = (items[j].get("file_path", f"item {j}") for j in (first[image_id], i))
-        raise datasets.DataError(f"image id {image_id} is used twice ({a} and {b})")
-      first[image_id] = i
+  ids = image_ids(items)
   settings = {
       "format_version": records.FORMAT_VERSION, "images_root": images_root,
       "num_val": num_val, "num_test": num_test, "max_length": max_length,
@@ -270,142 +258,309 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
           f"nothing to do (--force redoes it)", file=sys.stderr)
     return old
 
-  os.makedirs(os.path.dirname(os.path.abspath(output_dir)) or ".", exist_ok=True)
-  work = tempfile.mkdtemp(prefix=".prepro-", dir=os.path.dirname(os.path.abspath(output_dir)))
+  parent = os.path.dirname(os.path.abspath(output_dir))
+  os.makedirs(parent or ".", exist_ok=True)
+  work = tempfile.mkdtemp(prefix=".prepro-", dir=parent)
   try:
-    # ---- Pass 1: decode, resize and encode every image on all cores.
-    def source(it):
-      if it.get("image_bytes") is not None:
-        return it["image_bytes"]
-      if it.get("image_range") is not None:
-        return tuple(it["image_range"])
-      return os.path.join(images_root, it["file_path"])
-
-    jobs = ((i, source(it), image_size, image_format, max_pixels)
-            for i, it in enumerate(items))
-    skipped, kept = [], [False] * len(items)
-    tmp_path = os.path.join(work, "images.bin")
-    with open(tmp_path, "wb") as tmp:
-      if num_workers > 1:
-        pool = multiprocessing.get_context("spawn").Pool(num_workers)
-        results = pool.imap(_process_image, jobs, chunksize=16)
-      else:
-        pool, results = None, map(_process_image, jobs)
-      try:
-        for index, data, reason in tqdm(results, total=len(items), desc="images",
-                                        disable=not progress, unit="img"):
-          if data is None:
-            it = items[index]
-            skipped.append({"file": it.get("file_path", f"item {index}"), "reason": reason})
-            continue
-          kept[index] = True
-          tmp.write(_LEN.pack(index, len(data)))
-          tmp.write(data)
-      finally:
-        if pool is not None:
-          pool.terminate()  # every result is in (or we are failing): no need to wait
-          pool.join()
-
-    # ---- The vocabulary, from the kept training images' captions.
-    tokens = [_token_lists(it) if kept[i] else [] for i, it in enumerate(items)]
-    vocab_src = (t for i, ts in enumerate(tokens)
-                 if vocab_from_all_splits or splits[i] == "train" for t in ts)
-    vocab = vocab_lib.Vocabulary(vocab_lib.build_vocab(vocab_src, word_count_threshold))
-
-    # ---- Pass 2: write the records, the references and the info.
-    split_names = sorted({s for s, k in zip(splits, kept) if k})
-    counts = {s: sum(1 for sp, k in zip(splits, kept) if k and sp == s) for s in split_names}
+    images_bin = os.path.join(work, "images.bin")
+    kept, skipped = decode_images(
+        items, images_bin, images_root=images_root, image_size=image_size,
+        image_format=image_format, max_pixels=max_pixels, num_workers=num_workers,
+        progress=progress)
+    tokens, vocab = build_vocabulary(items, kept, splits, word_count_threshold,
+                                     vocab_from_all_splits)
+    counts = _split_counts(splits, kept)
     out = os.path.join(work, "out")
     os.makedirs(out)
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    writers, written, anns = {}, {s: 0 for s in split_names}, {s: ([], []) for s in split_names}
-    n_caps = n_tokens = n_unk = 0
-    length_hist = [0] * (max_length + 1)
-    bar = tqdm(total=len(items) - len(skipped), desc="records", disable=not progress,
-               unit="img")
-    with open(tmp_path, "rb") as tmp, bar:
-      while True:
-        head = tmp.read(_LEN.size)
-        if not head:
-          break
-        index, n = _LEN.unpack(head)
-        data = tmp.read(n)
-        it, split = items[index], splits[index]
-        shards = -(-counts[split] // shard_size)
-        shard = written[split] // shard_size
-        key = (split, shard)
-        if key not in writers:
-          for k in [k for k in writers if k[0] == split]:
-            writers.pop(k).close()
-          writers[key] = tf.io.TFRecordWriter(os.path.join(out, records.shard_name(split, shard, shards)))
-        caps = [vocab.encode(t, max_length) for t in tokens[index] if t]
-        if not caps:
-          caps = [[]]
-        for c in caps:
-          n_caps += 1
-          n_tokens += len(c)
-          n_unk += sum(1 for w in c if w == vocab.unk_id)
-          length_hist[len(c)] += 1
-        name = it.get("file_path", f"item-{index}")
-        ex = records.make_example(data, ids[index], name, caps, max_length, it.get("objects"))
-        writers[key].write(ex.SerializeToString())
-        written[split] += 1
-        bar.update(1)
-        imgs, refs = anns[split]
-        img = {"id": ids[index], "file_name": name}
-        if it.get("objects") is not None:
-          img["objects"] = it["objects"]
-        imgs.append(img)
-        raw = it.get("captions") or [" ".join(t) for t in it.get("tokens") or []]
-        for c in raw:
-          refs.append({"image_id": ids[index], "id": len(refs), "caption": c})
-    for w in writers.values():
-      w.close()
-    for split, (imgs, refs) in anns.items():
-      with open(records.annotations_path(out, split), "w", encoding="utf-8") as f:
-        f.write(json.dumps({"images": imgs, "annotations": refs}, ensure_ascii=False))
-    vocab.save(os.path.join(out, records.VOCAB_FILE))
+    refs, stats = write_records(
+        images_bin, out, items=items, ids=ids, splits=splits, tokens=tokens, vocab=vocab,
+        counts=counts, max_length=max_length, shard_size=shard_size, progress=progress)
     info = {
-        "format_version": records.FORMAT_VERSION,
-        "splits": counts,
-        "num_images": sum(counts.values()),
-        "num_captions": n_caps,
-        "vocab_size": len(vocab),
-        "max_length": max_length,
-        "image_size": image_size,
-        "image_format": image_format,
-        "word_count_threshold": word_count_threshold,
-        "unk_fraction": n_unk / max(n_tokens, 1),
-        "caption_length_histogram": length_hist,
-        "skipped": skipped,
-    }
+        "format_version": records.FORMAT_VERSION, "splits": counts,
+        "num_images": sum(counts.values()), "num_captions": stats.captions,
+        "vocab_size": len(vocab), "max_length": max_length, "image_size": image_size,
+        "image_format": image_format, "word_count_threshold": word_count_threshold,
+        "unk_fraction": stats.unknown / max(stats.tokens, 1),
+        "caption_length_histogram": stats.histogram, "skipped": skipped}
+    summary = _summary(info, len(items))  # before extra_info: its keys may shadow these
     info.update(extra_info or {})
     if fp is not None:
       info["fingerprint"] = fp
-    with open(os.path.join(out, records.INFO_FILE), "w", encoding="utf-8") as f:
-      json.dump(info, f, ensure_ascii=False, indent=1)
-
-    # ---- Replace the output directory's prepro files in one go.
-    os.makedirs(output_dir, exist_ok=True)
-    for old in os.listdir(output_dir):
-      if old.endswith(".tfrecord") or old.startswith("annotations_") or old in (
-          records.INFO_FILE, records.VOCAB_FILE):
-        os.remove(os.path.join(output_dir, old))
-    for name in os.listdir(out):
-      os.replace(os.path.join(out, name), os.path.join(output_dir, name))
+    _write_metadata(out, refs, vocab, info)
+    _swap_in(out, output_dir)
   finally:
     shutil.rmtree(work, ignore_errors=True)
+  _report(summary, time.time() - t0, len(items), skipped, counts, num_val, num_test)
+  return info
 
-  seconds = time.time() - t0
-  msg = (f"prepro: kept {info['num_images']} of {len(items)} images "
-         f"({', '.join(f'{k} {v}' for k, v in counts.items())}), "
-         f"{n_caps} captions, vocabulary {len(vocab)} words, skipped {len(skipped)}, "
-         f"{seconds:.1f} s ({len(items) / max(seconds, 1e-9):.0f} images/s)")
-  print(msg, file=sys.stderr)
+
+def image_ids(items: list[dict]) -> list:
+  """Each item's image id (its "id", else its index); a DataError names a repeated one."""
+  ids = [it.get("id", i) for i, it in enumerate(items)]
+  if len(set(ids)) != len(ids):
+    first = {}
+    for i, image_id in enumerate(ids):
+      if image_id in first:
+        a, b = (items[j].get("file_path", f"item {j}") for j in (first[image_id], i))
+        raise datasets.DataError(f"image id {image_id} is used twice ({a} and {b})")
+      first[image_id] = i
+  return ids
+
+
+# ---------------------------------------------------------------- pass 1: images
+
+
+def _process_image(job):
+  """Pass-1 worker: (index, source, ...) -> (index, encoded or None, reason).
+
+  The source is a path, the image's bytes, or (path, offset, length).
+  """
+  index, source, size, fmt, max_pixels = job
+  try:
+    if isinstance(source, tuple):
+      path, offset, length = source
+      with open(path, "rb") as f:
+        f.seek(offset)
+        source = f.read(length)
+    img = images.load_pil(source, size, max_pixels=max_pixels)
+    return index, images.encode_image(img, fmt), ""
+  except images.ImageError as e:
+    return index, None, str(e)
+  except OSError as e:
+    return index, None, f"cannot read ({e.strerror or e})"
+
+
+def _image_source(item: dict, images_root: str):
+  if item.get("image_bytes") is not None:
+    return item["image_bytes"]
+  if item.get("image_range") is not None:
+    return tuple(item["image_range"])
+  return os.path.join(images_root, item["file_path"])
+
+
+def _item_name(item: dict, index: int) -> str:
+  return item.get("file_path", f"item {index}")
+
+
+def decode_images(items: list[dict], path: str, *, images_root: str, image_size: int,
+                  image_format: str, max_pixels: int, num_workers: int,
+                  progress: bool) -> tuple[list[bool], list[dict]]:
+  """Pass 1: decodes, resizes and encodes every image into the file `path`.
+
+  The file holds, for each kept image in the items' order, its index and
+  byte count (`_LEN`) then its encoded bytes. Returns which items were kept
+  and the skipped ones ({"file", "reason"}).
+  """
+  jobs = ((i, _image_source(it, images_root), image_size, image_format, max_pixels)
+          for i, it in enumerate(items))
+  skipped, kept = [], [False] * len(items)
+  results = _decode_all(jobs, items, num_workers)
+  with open(path, "wb") as tmp, contextlib.closing(results):
+    for index, data, reason in tqdm(results, total=len(items), desc="images",
+                                    disable=not progress, unit="img"):
+      if data is None:
+        skipped.append({"file": _item_name(items[index], index), "reason": reason})
+        continue
+      kept[index] = True
+      tmp.write(_LEN.pack(index, len(data)))
+      tmp.write(data)
+  return kept, skipped
+
+
+def _decode_all(jobs, items: list[dict], num_workers: int):
+  """`_process_image` over the jobs, in order: in this process, or in a pool
+  of `num_workers` processes that survives a worker killed by the OS.
+
+  A job whose worker dies is named on stderr and retried once in a fresh
+  worker; when that one dies too, the image is skipped with the reason.
+  """
+  if num_workers <= 1:
+    yield from map(_process_image, jobs)
+    return
+
+  def on_death(index, job, died, retrying):
+    del job
+    then = ("retrying it in a fresh worker" if retrying else
+            "skipping it (the other images go on)")
+    tqdm.write(f"prepro: {_item_name(items[index], index)}: the worker decoding it "
+               f"{pool.describe_exit(died.exitcode)}; {then}", file=sys.stderr)
+
+  results = pool.imap(_process_image, jobs, num_workers, retries=1, on_death=on_death)
+  with contextlib.closing(results):
+    for i, result in enumerate(results):
+      if isinstance(result, pool.Died):
+        result = (i, None, f"the worker decoding it died {result.deaths} times (the last "
+                           f"{pool.describe_exit(result.exitcode)})")
+      yield result
+
+
+# ---------------------------------------------------------------- the vocabulary
+
+
+def _token_lists(item: dict) -> list[list[str]]:
+  if item.get("tokens") is not None:
+    return [[str(w).lower() for w in t] for t in item["tokens"]]
+  return [vocab_lib.tokenize(c) for c in item["captions"]]
+
+
+def build_vocabulary(items: list[dict], kept: list[bool], splits: list[str],
+                     word_count_threshold: int, from_all_splits: bool):
+  """(each item's token lists, [] when skipped; the Vocabulary of the kept
+  training images' captions, or of every split's with `from_all_splits`)."""
+  tokens = [_token_lists(it) if kept[i] else [] for i, it in enumerate(items)]
+  counted = (t for i, ts in enumerate(tokens)
+             if from_all_splits or splits[i] == "train" for t in ts)
+  return tokens, vocab_lib.Vocabulary(vocab_lib.build_vocab(counted, word_count_threshold))
+
+
+def _split_counts(splits: list[str], kept: list[bool]) -> dict[str, int]:
+  """Kept images per split, splits in sorted order."""
+  names = sorted({s for s, k in zip(splits, kept) if k})
+  return {s: sum(1 for sp, k in zip(splits, kept) if k and sp == s) for s in names}
+
+
+# ---------------------------------------------------------------- pass 2: records
+
+
+def _read_images(path: str):
+  """(index, encoded bytes) of every image pass 1 kept, in order."""
+  with open(path, "rb") as f:
+    while True:
+      head = f.read(_LEN.size)
+      if not head:
+        return
+      index, n = _LEN.unpack(head)
+      yield index, f.read(n)
+
+
+class _Shards:
+  """Each split's record shards in a folder, `shard_size` records each,
+  opened in turn as the split's records come."""
+
+  def __init__(self, folder: str, counts: dict[str, int], shard_size: int):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self._writer = tf.io.TFRecordWriter
+    self.folder, self.counts, self.shard_size = folder, counts, shard_size
+    self.written = {s: 0 for s in counts}
+    self.current = {}  # split -> (shard index, its writer)
+
+  def write(self, split: str, record: bytes):
+    shard = self.written[split] // self.shard_size
+    if split not in self.current or self.current[split][0] != shard:
+      if split in self.current:
+        self.current.pop(split)[1].close()
+      shards = -(-self.counts[split] // self.shard_size)
+      name = records.shard_name(split, shard, shards)
+      self.current[split] = (shard, self._writer(os.path.join(self.folder, name)))
+    self.current[split][1].write(record)
+    self.written[split] += 1
+
+  def close(self):
+    for _, w in self.current.values():
+      w.close()
+    self.current.clear()
+
+
+@dataclasses.dataclass
+class _CaptionStats:
+  """Counts over the encoded captions of the records."""
+  max_length: int
+  captions: int = 0
+  tokens: int = 0
+  unknown: int = 0
+  histogram: list = dataclasses.field(default_factory=list)  # captions of each length
+
+  def __post_init__(self):
+    self.histogram = [0] * (self.max_length + 1)  # lengths 0 .. max_length
+
+  def add(self, caption: list[int], unk_id: int):
+    self.captions += 1
+    self.tokens += len(caption)
+    self.unknown += sum(1 for w in caption if w == unk_id)
+    self.histogram[len(caption)] += 1
+
+
+def write_records(images_bin: str, out: str, *, items: list[dict], ids: list,
+                  splits: list[str], tokens: list, vocab, counts: dict[str, int],
+                  max_length: int, shard_size: int, progress: bool):
+  """Pass 2: every image pass 1 kept -> one record in its split's shards.
+
+  Returns the COCO-format references of each split ({split: (images,
+  annotations)}) and the captions' statistics.
+  """
+  shards = _Shards(out, counts, shard_size)
+  refs = {s: ([], []) for s in counts}
+  stats = _CaptionStats(max_length)
+  bar = tqdm(total=sum(counts.values()), desc="records", disable=not progress, unit="img")
+  try:
+    with bar:
+      for index, data in _read_images(images_bin):
+        it, split = items[index], splits[index]
+        caps = [vocab.encode(t, max_length) for t in tokens[index] if t] or [[]]
+        for c in caps:
+          stats.add(c, vocab.unk_id)
+        name = it.get("file_path", f"item-{index}")
+        ex = records.make_example(data, ids[index], name, caps, max_length, it.get("objects"))
+        shards.write(split, ex.SerializeToString(deterministic=True))  # map keys sorted
+        bar.update(1)
+        _add_references(refs[split], it, ids[index], name)
+  finally:
+    shards.close()
+  return refs, stats
+
+
+def _add_references(refs: tuple[list, list], item: dict, image_id, name: str):
+  """Appends an image and its raw captions to a split's COCO-format references."""
+  imgs, anns = refs
+  img = {"id": image_id, "file_name": name}
+  if item.get("objects") is not None:
+    img["objects"] = item["objects"]
+  imgs.append(img)
+  raw = item.get("captions") or [" ".join(t) for t in item.get("tokens") or []]
+  for c in raw:
+    anns.append({"image_id": image_id, "id": len(anns), "caption": c})
+
+
+def _write_metadata(out: str, refs: dict, vocab, info: dict):
+  """The references of each split, the vocabulary and dataset_info.json."""
+  for split, (imgs, anns) in refs.items():
+    with open(records.annotations_path(out, split), "w", encoding="utf-8") as f:
+      f.write(json.dumps({"images": imgs, "annotations": anns}, ensure_ascii=False))
+  vocab.save(os.path.join(out, records.VOCAB_FILE))
+  with open(os.path.join(out, records.INFO_FILE), "w", encoding="utf-8") as f:
+    json.dump(info, f, ensure_ascii=False, indent=1)
+
+
+# ---------------------------------------------------------------- the output
+
+
+def _swap_in(out: str, output_dir: str):
+  """Replaces the output directory's prepro files by those of `out` in one go."""
+  os.makedirs(output_dir, exist_ok=True)
+  for old in os.listdir(output_dir):
+    if old.endswith(".tfrecord") or old.startswith("annotations_") or old in (
+        records.INFO_FILE, records.VOCAB_FILE):
+      os.remove(os.path.join(output_dir, old))
+  for name in os.listdir(out):
+    os.replace(os.path.join(out, name), os.path.join(output_dir, name))
+
+
+def _summary(info: dict, num_items: int) -> str:
+  counts = info["splits"]
+  return (f"prepro: kept {info['num_images']} of {num_items} images "
+          f"({', '.join(f'{k} {v}' for k, v in counts.items())}), "
+          f"{info['num_captions']} captions, vocabulary {info['vocab_size']} words, "
+          f"skipped {len(info['skipped'])}")
+
+
+def _report(summary: str, seconds: float, num_items: int, skipped: list[dict],
+            counts: dict, num_val: int, num_test: int):
+  """The run's summary, each skipped file and a warning without training images."""
+  print(f"{summary}, {seconds:.1f} s ({num_items / max(seconds, 1e-9):.0f} images/s)",
+        file=sys.stderr)
   for s in skipped:
     print(f"  skipped {s['file']}: {s['reason']}", file=sys.stderr)
   if not counts.get("train"):
     print(f"prepro: warning: no training images (--num_val={num_val} and "
           f"--num_test={num_test} take the first images; items' own 'split' fields win)",
           file=sys.stderr)
-  return info

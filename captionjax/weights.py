@@ -11,11 +11,12 @@ Sources:
     and whole-model files (weights under `model_weights`). Kernels are
     channels-last already; the input is Caffe's (BGR, 0..255, mean-subtracted).
   --torch_state_dict: torchvision's `vgg16` state dict (`features.0.weight`
-    ... `classifier.6.bias`), as `.safetensors` (read without torch) or
-    `.pth`/`.pt` (needs torch). Convolution kernels go from [O, I, kh, kw] to
-    [kh, kw, I, O]; fc6's input is reordered from torch's (C, h, w) flatten to
-    our (h, w, C); the input is torchvision's (RGB in [0, 1], minus mean,
-    over std).
+    ... `classifier.6.bias`), as `.safetensors` (read without torch, by the
+    `safetensors` package; float16 and bfloat16 become float32) or
+    `.pth`/`.pt` (needs torch). Convolution kernels go from [O, I, kh, kw]
+    to [kh, kw, I, O]; fc6's input is reordered from torch's (C, h, w)
+    flatten to our (h, w, C); the input is torchvision's (RGB in [0, 1],
+    minus mean, over std).
 
 The output directory:
   params.npz    float32 arrays named "LAYER/kernel" and "LAYER/bias" with
@@ -33,9 +34,9 @@ The model applies `preprocess` itself (VGG16.preprocess): callers feed RGB in
 
 import json
 import os
-import struct
 import sys
 
+import ml_dtypes
 import numpy as np
 
 from captionjax.models.vgg import VGG16_BLOCKS, VGG16_FC_SIZE, VGG16_PREPROCESS
@@ -128,41 +129,35 @@ def read_keras_h5(path: str) -> dict:
 # ---------------------------------------------------------------- torchvision
 
 
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16,
-                       "BF16": np.uint16, "I64": np.int64, "I32": np.int32}
-
-
 def read_safetensors(path: str) -> dict:
   """A .safetensors file -> {name: numpy array} (float arrays as float32).
 
-  The format: an 8-byte little-endian header size, a JSON header
-  {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the data.
+  Read by the `safetensors` package's numpy API. bfloat16 tensors come
+  through ml_dtypes (imported above; a JAX dependency), whose bfloat16 numpy
+  type the package finds by name; float32 holds them exactly.
   """
-  with open(path, "rb") as f:
-    raw = f.read(8)
-    if len(raw) != 8:
-      raise WeightsError(f"{path}: not a safetensors file (too short)")
-    (n,) = struct.unpack("<Q", raw)
-    try:
-      header = json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError, MemoryError, OverflowError):
-      raise WeightsError(f"{path}: not a safetensors file (bad header)") from None
-    start = 8 + n
-  data = np.memmap(path, np.uint8, mode="r")
-  out = {}
-  for name, t in header.items():
-    if name == "__metadata__":
-      continue
-    if t.get("dtype") not in _SAFETENSORS_DTYPES:
-      raise WeightsError(f"{path}: tensor {name}: unsupported dtype {t.get('dtype')}")
-    b, e = t["data_offsets"]
-    if start + e > data.size:
-      raise WeightsError(f"{path}: tensor {name}: data past the end of the file (truncated?)")
-    a = np.frombuffer(data[start + b:start + e], _SAFETENSORS_DTYPES[t["dtype"]])
-    if t["dtype"] == "BF16":
-      a = (a.astype(np.uint32) << 16).view(np.float32)
-    out[name] = a.reshape(t["shape"]).astype(np.float32 if a.dtype.kind == "f" else a.dtype)
-  return out
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    tensors = load_file(path)
+  except SafetensorError as e:
+    reason = str(e).splitlines()[0].removeprefix("Error while deserializing header: ")
+    raise WeightsError(f"{path}: not a safetensors file, or a truncated one ({reason})"
+                       ) from None
+  except (TypeError, AttributeError) as e:  # a dtype numpy has no type for (float8, ...)
+    raise WeightsError(f"{path}: a tensor's dtype cannot be read as numpy ({e}); "
+                       "store the weights as float32, float16 or bfloat16") from None
+  return {k: a.astype(np.float32, copy=False) if _is_float(a.dtype) else a
+          for k, a in tensors.items()}
+
+
+def _is_float(dtype) -> bool:
+  """numpy's real floats and ml_dtypes' (bfloat16, float8 ...)."""
+  try:
+    ml_dtypes.finfo(dtype)
+    return np.dtype(dtype).kind != "c"
+  except ValueError:
+    return False
 
 
 def read_state_dict(path: str) -> dict:

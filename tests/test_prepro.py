@@ -1,4 +1,5 @@
-"""`captionjax prepro` on NeuralTalk2's raw format: round trip, skips, vocabulary."""
+"""`captionjax prepro` on NeuralTalk2's raw format: round trip, skips, vocabulary,
+and a decoding worker killed by the OS."""
 
 import json
 import os
@@ -7,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import pool_helpers
 from captionjax import cli
 from captionjax import input_pipeline
+from captionjax import prepro
 from captionjax import records
 from captionjax import vocab as vocab_lib
 
@@ -124,6 +127,22 @@ def test_rerun_is_idempotent(raw_set, tmp_path):
   assert first == second  # dataset_info.json included: nothing in it varies by run
 
 
+def test_records_are_serialized_deterministically(raw_set, tmp_path):
+  """Each record is its Example serialized with sorted map keys, so the bytes
+  do not depend on the process's protobuf map order (another run, another
+  number of workers, writes the same shards)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  raw, root, _ = raw_set
+  out = str(tmp_path / "out")
+  assert _run_prepro(raw, root, out) == 0
+  n = 0
+  for path in records.split_files(out, "train"):
+    for rec in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      assert rec == tf.train.Example.FromString(rec).SerializeToString(deterministic=True)
+      n += 1
+  assert n == 8
+
+
 def test_warns_when_no_image_is_left_for_training(raw_set, tmp_path, capsys):
   raw, root, _ = raw_set
   out = str(tmp_path / "out")
@@ -150,3 +169,38 @@ def test_bad_input_json_is_one_clear_line(tmp_path, capsys, content, message):
   assert _run_prepro(raw, tmp_path, str(tmp_path / "out")) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "raw.json" in err[0] and message in err[0]
+
+
+def test_a_worker_killed_by_the_os_is_named_and_the_rest_kept(raw_set, tmp_path, capsys,
+                                                               monkeypatch):
+  """A worker SIGKILLed while decoding (as the out-of-memory killer does): the
+  run ends, names the image, retries it once in a fresh worker and then skips
+  it; an image whose first worker died but whose retry worked is kept."""
+  raw, root, items = raw_set
+  good = open(os.path.join(root, items[1]["file_path"]), "rb").read()
+  for name in ("poison.jpg", "flaky.jpg"):
+    open(os.path.join(root, name), "wb").write(good)
+  items = items + [{"file_path": "poison.jpg", "captions": ["a poison image"], "id": 990},
+                   {"file_path": "flaky.jpg", "captions": ["a flaky image"], "id": 991}]
+  raw = tmp_path / "raw_kill.json"
+  raw.write_text(json.dumps(items))
+  # The spawned workers run pool_helpers.decode_or_die: prepro's worker, except
+  # that it kills its own process on "poison" (always) and "flaky" (once).
+  monkeypatch.setattr(prepro, "_process_image", pool_helpers.decode_or_die)
+  out = str(tmp_path / "out")
+  assert _run_prepro(raw, root, out, "--num_workers=2") == 0
+  err = capsys.readouterr().err
+  killed = "the worker decoding it was killed by SIGKILL"
+  assert f"poison.jpg: {killed}" in err and "retrying it in a fresh worker" in err
+  assert "skipping it" in err
+  assert f"flaky.jpg: {killed}" in err
+  info = records.load_info(out)
+  skipped = {s["file"]: s["reason"] for s in info["skipped"]}
+  assert set(skipped) == {"broken.jpg", "missing.jpg", "notes.jpg", "poison.jpg"}
+  assert "killed by SIGKILL" in skipped["poison.jpg"] and "2 times" in skipped["poison.jpg"]
+  assert f"skipped poison.jpg: {skipped['poison.jpg']}" in err
+  written = set()
+  for split in info["splits"]:
+    written |= set(input_pipeline.load_split(out, split).file_name)
+  assert written == {it["file_path"] for it in items} - set(skipped)
+  assert "flaky.jpg" in written and len(written) == 13

@@ -147,11 +147,16 @@ def torch_state_dict(seed=0, classes=1000):
 
 
 def write_safetensors(path, tensors):
-  """The safetensors format, written by hand (independent of the reader)."""
+  """The safetensors format, written by hand (independent of the reader): float32."""
+  write_safetensors_raw(path, {name: ("F32", a.shape, np.ascontiguousarray(a, np.float32).tobytes())
+                               for name, a in tensors.items()})
+
+
+def write_safetensors_raw(path, tensors):
+  """{name: (safetensors dtype, shape, little-endian bytes)} -> a .safetensors file."""
   header, offset, blobs = {}, 0, []
-  for name, a in tensors.items():
-    blob = np.ascontiguousarray(a, np.float32).tobytes()
-    header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + len(blob)]}
+  for name, (dtype, shape, blob) in tensors.items():
+    header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
     offset += len(blob)
     blobs.append(blob)
   head = json.dumps(header).encode()
@@ -226,6 +231,50 @@ def test_torch_errors_are_clear(tmp_path):
   # .pth without torch, or a missing file: one line, exit status 2 (bad input).
   assert cli.main(["import-weights", f"--torch_state_dict={tmp_path}/none.pth",
                    f"--output={tmp_path}/o"]) == 2
+
+
+def test_safetensors_half_floats_become_float32(tmp_path):
+  a = (np.arange(-12, 12, dtype=np.float32) / 4).reshape(4, 6)  # exact in 8 mantissa bits
+  bf16 = (a.view(np.uint32) >> 16).astype("<u2")  # bfloat16: float32's top half
+  path = str(tmp_path / "half.safetensors")
+  write_safetensors_raw(path, {"bf": ("BF16", a.shape, bf16.tobytes()),
+                               "h": ("F16", a.shape, a.astype("<f2").tobytes()),
+                               "f": ("F32", a.shape, a.astype("<f4").tobytes()),
+                               "i": ("I64", (3,), np.array([1, -2, 3], "<i8").tobytes())})
+  got = weights.read_safetensors(path)
+  for name in ("bf", "h", "f"):
+    assert got[name].dtype == np.float32
+    np.testing.assert_array_equal(got[name], a)
+  assert got["i"].dtype == np.int64 and got["i"].tolist() == [1, -2, 3]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "not a safetensors file"),
+    (b"not a safetensors file at all, just text", "not a safetensors file"),
+    (struct.pack("<Q", 8) + b"{notjson", "not a safetensors file.*JSON"),
+])
+def test_bad_safetensors_files_are_one_clear_line(tmp_path, capsys, content, message):
+  path = tmp_path / "bad.safetensors"
+  path.write_bytes(content)
+  with pytest.raises(weights.WeightsError, match=f"bad.safetensors: {message}"):
+    weights.read_safetensors(str(path))
+  assert cli.main(["import-weights", f"--torch_state_dict={path}",
+                   f"--output={tmp_path}/o"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "bad.safetensors" in err[0]
+
+
+def test_safetensors_float8_is_float32_or_named(tmp_path):
+  """float8 has no numpy type: the safetensors package (0.8) cannot give it,
+  and the error names the file; should it ever give it, it is float32."""
+  path = str(tmp_path / "f8.safetensors")
+  write_safetensors_raw(path, {"x": ("F8_E4M3", (2,), b"\x01\x08")})
+  try:
+    got = weights.read_safetensors(path)
+  except weights.WeightsError as e:
+    assert str(e).startswith(f"{path}: a tensor's dtype cannot be read as numpy")
+  else:  # E4M3: 0x01 is the smallest subnormal, 2^-9; 0x08 the smallest normal, 2^-6
+    assert got["x"].dtype == np.float32 and got["x"].tolist() == [2.0 ** -9, 2.0 ** -6]
 
 
 def test_keras_errors_are_clear(tmp_path):
