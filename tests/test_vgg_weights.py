@@ -259,7 +259,7 @@ def test_bad_safetensors_files_are_one_clear_line(tmp_path, capsys, content, mes
   with pytest.raises(weights.WeightsError, match=f"bad.safetensors: {message}"):
     weights.read_safetensors(str(path))
   assert cli.main(["import-weights", f"--torch_state_dict={path}",
-                   f"--output={tmp_path}/o"]) == 1
+                   f"--output={tmp_path}/o"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "bad.safetensors" in err[0]
 
