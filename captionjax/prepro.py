@@ -53,6 +53,8 @@ from captionjax import vocab as vocab_lib
 
 SPLIT_SEED = 123  # NeuralTalk2's prepro shuffled with seed 123
 DEFAULT_SHARD_SIZE = 2048  # images per record shard
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 4096  # pixels a side of the stored images
+MIN_USEFUL_VOCAB = 10  # fewer words than this gets a warning (--word_count_threshold too high)
 _LEN = struct.Struct("<qI")  # item index, byte count
 
 
@@ -239,8 +241,13 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
   """
   if not items:
     raise datasets.DataError("the data set has no items")
-  if max_length < 1 or image_size < 1 or shard_size < 1:
-    raise ValueError("max_length, image_size and shard_size must be positive")
+  if max_length < 1 or shard_size < 1:
+    raise ValueError("max_length and shard_size must be positive")
+  if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+    raise ValueError(f"--image_size={image_size}: must be in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}")
+  if num_val < 0 or num_test < 0 or word_count_threshold < 0:
+    raise ValueError(f"--num_val={num_val}, --num_test={num_test}, --word_count_threshold="
+                     f"{word_count_threshold}: none may be negative")
   t0 = time.time()
   splits = assign_splits(items, num_val, num_test)
   ids = image_ids(items)
@@ -260,7 +267,8 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
 
   parent = os.path.dirname(os.path.abspath(output_dir))
   os.makedirs(parent or ".", exist_ok=True)
-  work = tempfile.mkdtemp(prefix=".prepro-", dir=parent)
+  _remove_abandoned_work(parent)
+  work = tempfile.mkdtemp(prefix=f".prepro-{os.getpid()}-", dir=parent)
   try:
     images_bin = os.path.join(work, "images.bin")
     kept, skipped = decode_images(
@@ -269,6 +277,9 @@ def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
         progress=progress)
     tokens, vocab = build_vocabulary(items, kept, splits, word_count_threshold,
                                      vocab_from_all_splits)
+    if len(vocab) < MIN_USEFUL_VOCAB:
+      print(f"prepro: warning: --word_count_threshold={word_count_threshold} leaves a "
+            f"vocabulary of {len(vocab)} word(s); most words will be UNK", file=sys.stderr)
     counts = _split_counts(splits, kept)
     out = os.path.join(work, "out")
     os.makedirs(out)
@@ -535,14 +546,34 @@ def _write_metadata(out: str, refs: dict, vocab, info: dict):
 
 
 def _swap_in(out: str, output_dir: str):
-  """Replaces the output directory's prepro files by those of `out` in one go."""
+  """Replaces the output directory's prepro files by those of `out`.
+
+  dataset_info.json goes first and comes back last: a crash in between leaves
+  no dataset_info.json, so the half-swapped folder is never taken for a
+  finished one (the next run redoes it).
+  """
   os.makedirs(output_dir, exist_ok=True)
+  info = os.path.join(output_dir, records.INFO_FILE)
+  if os.path.exists(info):
+    os.remove(info)
   for old in os.listdir(output_dir):
-    if old.endswith(".tfrecord") or old.startswith("annotations_") or old in (
-        records.INFO_FILE, records.VOCAB_FILE):
+    if old.endswith(".tfrecord") or old.startswith("annotations_") or old == records.VOCAB_FILE:
       os.remove(os.path.join(output_dir, old))
-  for name in os.listdir(out):
+  for name in sorted(os.listdir(out), key=lambda n: n == records.INFO_FILE):
     os.replace(os.path.join(out, name), os.path.join(output_dir, name))
+
+
+def _remove_abandoned_work(parent: str) -> None:
+  """Removes `.prepro-PID-*` work folders of runs that are gone (killed by the OS, say)."""
+  for name in os.listdir(parent):
+    parts = name.split("-")
+    if name.startswith(".prepro-") and len(parts) > 2 and parts[1].isdigit():
+      try:
+        os.kill(int(parts[1]), 0)  # that process still runs: its folder stays
+      except ProcessLookupError:
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+      except OSError:
+        pass
 
 
 def _summary(info: dict, num_items: int) -> str:

@@ -204,3 +204,48 @@ def test_a_worker_killed_by_the_os_is_named_and_the_rest_kept(raw_set, tmp_path,
     written |= set(input_pipeline.load_split(out, split).file_name)
   assert written == {it["file_path"] for it in items} - set(skipped)
   assert "flaky.jpg" in written and len(written) == 13
+
+
+@pytest.mark.parametrize("flag,words", [
+    ("--num_val=-5", "none may be negative"), ("--image_size=100000", "--image_size=100000"),
+])
+def test_bad_sizes_and_counts_fail_at_once(raw_set, tmp_path, capsys, flag, words):
+  raw, root, _ = raw_set
+  assert _run_prepro(raw, root, str(tmp_path / "out"), flag) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and words in err[0], err
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".prepro-")]  # no work left
+
+
+def test_a_crash_while_swapping_never_leaves_an_accepted_output(raw_set, tmp_path, monkeypatch):
+  raw, root, _ = raw_set
+  out = str(tmp_path / "out")
+  assert _run_prepro(raw, root, out) == 0
+  real, moved = os.replace, []
+
+  def crash_after_two(src, dst):
+    if len(moved) == 2:
+      raise OSError(5, "simulated crash")
+    moved.append(dst)
+    return real(src, dst)
+
+  monkeypatch.setattr(os, "replace", crash_after_two)
+  assert _run_prepro(raw, root, out, "--force") == 2
+  monkeypatch.setattr(os, "replace", real)
+  assert not os.path.exists(os.path.join(out, records.INFO_FILE))  # not taken for finished
+  assert _run_prepro(raw, root, out) == 0 and records.load_info(out)["num_images"] > 0
+
+
+def test_work_folders_of_killed_runs_are_removed(raw_set, tmp_path):
+  raw, root, _ = raw_set
+  dead, alive = tmp_path / ".prepro-999999999-x", tmp_path / f".prepro-{os.getpid()}-y"
+  dead.mkdir()
+  alive.mkdir()
+  assert _run_prepro(raw, root, str(tmp_path / "out")) == 0
+  assert not dead.exists() and alive.exists()
+
+
+def test_a_threshold_that_leaves_no_vocabulary_warns(raw_set, tmp_path, capsys):
+  raw, root, _ = raw_set
+  assert _run_prepro(raw, root, str(tmp_path / "out"), "--word_count_threshold=1000000") == 0
+  assert "leaves a vocabulary of" in capsys.readouterr().err
