@@ -33,6 +33,7 @@ SUBCOMMANDS = {
     "perplexity": ("captionjax.perplexity", "perplexity of reference captions under a checkpoint"),
     "import-weights": ("captionjax.weights", "import pretrained VGG16 weights (Keras HDF5, torchvision)"),
     "features": ("captionjax.features", "VGG16 fc7 features of a folder of images (.npy + names)"),
+    "serve": ("captionjax.serve", "an HTTP captioning server with dynamic batching and a web page"),
 }
 
 

@@ -25,7 +25,16 @@ Image.MAX_IMAGE_PIXELS = None  # we apply our own limit with a clear message
 
 
 class ImageError(ValueError):
-  """An image that cannot be used; str(e) is a one-line reason."""
+  """An image that cannot be used; str(e) is a one-line reason.
+
+  `kind` sorts the reasons (a server maps them to status codes): "empty",
+  "too_large" (over the pixel limit), "not_an_image", "corrupt" (a damaged or
+  truncated image), "unreadable" (the file cannot be opened).
+  """
+
+  def __init__(self, message: str, kind: str = "corrupt"):
+    super().__init__(message)
+    self.kind = kind
 
 
 # File signatures, to tell a damaged image from a file that is no image.
@@ -90,11 +99,11 @@ def load_pil(source, size: int | tuple[int, int] | None = None,
   try:
     if isinstance(source, (bytes, bytearray)):
       if not source:
-        raise ImageError("empty file")
+        raise ImageError("empty file", "empty")
       f = io.BytesIO(source)
     else:
       if os.path.getsize(source) == 0:
-        raise ImageError("empty file")
+        raise ImageError("empty file", "empty")
       f = open(source, "rb")
     with f, warnings.catch_warnings():
       warnings.simplefilter("ignore")
@@ -105,7 +114,7 @@ def load_pil(source, size: int | tuple[int, int] | None = None,
       if w * h > max_pixels:
         raise ImageError(
             f"image too large: {w}x{h} exceeds the limit of {max_pixels} pixels "
-            f"(a decompression-bomb guard; prepro's --max_pixels sets it)")
+            f"(a decompression-bomb guard, set by prepro's or serve's --max_pixels)", "too_large")
       if w < 1 or h < 1:
         raise ImageError(f"image has no pixels ({w}x{h})")
       if size is not None and im.format == "JPEG":
@@ -122,16 +131,16 @@ def load_pil(source, size: int | tuple[int, int] | None = None,
   except ImageError:
     raise
   except FileNotFoundError:
-    raise ImageError("file not found") from None
+    raise ImageError("file not found", "unreadable") from None
   except IsADirectoryError:
-    raise ImageError("is a directory, not an image file") from None
+    raise ImageError("is a directory, not an image file", "unreadable") from None
   except PermissionError:
-    raise ImageError("permission denied") from None
+    raise ImageError("permission denied", "unreadable") from None
   except Image.UnidentifiedImageError:
     kind = _signature(head)
     if kind:
       raise ImageError(f"corrupt or truncated {kind} (its header cannot be read)") from None
-    raise ImageError("not an image (unrecognized format)") from None
+    raise ImageError("not an image (unrecognized format)", "not_an_image") from None
   except (OSError, ValueError, SyntaxError, EOFError) as e:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise ImageError(f"corrupt or truncated image ({msg})") from None

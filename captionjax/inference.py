@@ -223,7 +223,8 @@ class BatchCaptioner:
   """
 
   def __init__(self, model: Model, batch_size: int = 16, beam_size: int = 2, n_best: int = 1,
-               temperature: float = 0.0, length_penalty: float = 0.0, seed: int = 0):
+               temperature: float = 0.0, length_penalty: float = 0.0, seed: int = 0,
+               attention: bool = False):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if beam_size < 1:
@@ -242,6 +243,14 @@ class BatchCaptioner:
     from captionjax import steps  # pylint: disable=g-import-not-at-top
     fn = steps.make_generate(model.cnn, model.lm, "frozen", beam_size, model.max_length + 1,
                              length_penalty, temperature=temperature)
+    att = attention_fn(model) if attention else None
+    self.attention = att is not None  # run() also returns where each word looked
+    if att is not None:
+      generate = fn
+
+      def fn(params, batch_stats, images, rng):  # pylint: disable=function-redefined
+        tokens, scores = generate(params, batch_stats, images, rng)
+        return tokens, scores, att(params, batch_stats, images, tokens)
     self._fn = jax.jit(fn)
     self._params = jax.device_put(model.params)
     self._batch_stats = jax.device_put(model.batch_stats)
@@ -254,6 +263,14 @@ class BatchCaptioner:
 
   def raw(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """uint8 [n, S, S, 3], n <= B -> (tokens [n, K, T], scores [n, K]) as numpy."""
+    return self.run(images)[:2]
+
+  def run(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """As `raw`, plus the attention weights [n, K, T, P] (None unless `attention`).
+
+    weights[i, k, t] is where the LM looked (over the P grid cells) at the
+    step that chose token t of caption k of image i.
+    """
     n = images.shape[0]
     if n > self.batch_size:
       raise ValueError(f"{n} images in a batch of {self.batch_size}")
@@ -262,9 +279,9 @@ class BatchCaptioner:
       images = np.concatenate([images, pad])
     rng = jax.random.fold_in(self._rng, self._calls)
     self._calls += 1
-    tokens, scores = self._fn(self._params, self._batch_stats, images, rng)
-    tokens, scores = jax.device_get((tokens, scores))  # host sync
-    return np.asarray(tokens)[:n], np.asarray(scores)[:n]
+    out = jax.device_get(self._fn(self._params, self._batch_stats, images, rng))  # host sync
+    tokens, scores = np.asarray(out[0])[:n], np.asarray(out[1])[:n]
+    return tokens, scores, (np.asarray(out[2])[:n] if self.attention else None)
 
   def __call__(self, images: np.ndarray) -> List[List[Tuple[str, float]]]:
     from captionjax import decode  # pylint: disable=g-import-not-at-top
@@ -275,6 +292,48 @@ class BatchCaptioner:
               for k in range(self.n_best) if sc[k] > decode.NEG_INF / 2]
       out.append(best)
     return out
+
+
+def attention_regions(model: Model) -> int:
+  """P, the grid cells the model's LM attends over (0: no attention)."""
+  return int(getattr(model.lm, "attention_regions", 0) or 0)
+
+
+def attention_fn(model: Model) -> Optional[Callable]:
+  """Where each word of given captions looked; None for a model without attention.
+
+  Returns a jittable (params, batch_stats, images uint8 [B, S, S, 3],
+  tokens [B, K, T]) -> weights float32 [B, K, T, P]: the LM is run on each
+  caption with teacher forcing (START, then the caption's tokens), and
+  weights[b, k, t] is the attention over the P grid cells (row-major, summing
+  to 1) at the step that predicts tokens[b, k, t]. For captions from the
+  decoder these are the weights the decoder itself used.
+  """
+  from captionjax.models.captioner import Captioner  # pylint: disable=g-import-not-at-top
+  if not attention_regions(model):
+    return None
+  cnn, lm = model.cnn, model.lm
+
+  def fn(params, batch_stats, images, tokens):
+    b, k, t = tokens.shape
+    feats = cnn.apply(build.cnn_variables(params["cnn"], batch_stats),
+                      build.images_to_input(images), train=False)  # -> [B, D]
+    v = {"params": {name: params[name] for name in build.LM_KEYS}}
+    emb = lm.apply(v, feats, method=Captioner.encode)  # -> [B, P, E]
+    carry = lm.apply(v, emb, method=Captioner.decode_start)
+    carry = jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=0), carry)  # -> [B*K, ...]
+    flat = tokens.reshape(b * k, t).astype(jnp.int32)
+    inputs = jnp.concatenate([jnp.zeros((b * k, 1), jnp.int32), flat[:, :-1]], axis=1)  # -> [B*K, T]
+
+    def step(carry, tok):  # tok: [B*K]
+      (carry, _), state = lm.apply(v, carry, tok, method=Captioner.decode_step,
+                                   mutable=["intermediates"])
+      return carry, state["intermediates"]["lm"]["attention"][0]  # -> [B*K, P]
+
+    _, weights = jax.lax.scan(step, carry, inputs.T)  # -> [T, B*K, P]
+    return weights.transpose(1, 0, 2).reshape(b, k, t, -1)  # -> [B, K, T, P]
+
+  return fn
 
 
 @dataclasses.dataclass

@@ -122,6 +122,8 @@ class LanguageModel(nn.Module):
     query = self.att_query(jnp.concatenate([h, x], axis=-1))  # -> [B, E]
     scores = self.att_score(jnp.tanh(keys + query[:, None]))[..., 0]  # -> [B, P]
     weights = jax.nn.softmax(scores, axis=-1)
+    # Kept only when "intermediates" is mutable (inference.attention_fn): where this word looked.
+    self.sow("intermediates", "attention", weights)  # [B, P]
     return jnp.einsum("bp,bpe->be", weights, regions)  # -> [B, E]
 
   def _core(self, carry, x: jax.Array, train: bool):
