@@ -104,7 +104,11 @@ def add_arguments(p):
   p.add_argument("--api_key", default=None,
                  help=f"require this key on /v1/* and /metrics (default: ${API_KEY_ENV}; "
                       "empty: no key)")
+  p.add_argument("--no_attention", action="store_true",
+                 help="leave out where each word looked (attention models): faster model calls")
   p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+  p.add_argument("--compile_threads", type=int, default=min(4, os.cpu_count() or 1),
+                 help="programs compiled at once at start-up")
   p.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"))
   p.add_argument("--access_log", action="store_true", help="log every request")
 
@@ -226,8 +230,10 @@ class Batcher:
   """
 
   def __init__(self, model, beam_sizes: Sequence[int], sizes: Sequence[int],
-               length_penalty: float, max_wait_s: float, max_queue: int, metrics: Metrics):
+               length_penalty: float, max_wait_s: float, max_queue: int, metrics: Metrics,
+               attention: bool = True):
     self.model = model
+    self.attention = attention and inference.attention_regions(model) > 0
     self.beam_sizes, self.sizes = tuple(beam_sizes), tuple(sizes)
     self.length_penalty = length_penalty
     self.max_wait_s, self.max_queue = max_wait_s, max_queue
@@ -246,23 +252,30 @@ class Batcher:
   def max_batch(self) -> int:
     return self.sizes[-1]
 
-  def warm_up(self) -> None:
-    """Builds and compiles every program, then starts the model thread."""
+  def warm_up(self, threads: int = 1) -> None:
+    """Builds and compiles every program (`threads` at a time), then starts the model thread."""
     t0 = time.perf_counter()
+    s = self.model.input_size
+
+    def build(key):
+      beam, size = key
+      if self._stop:
+        return
+      p = inference.BatchCaptioner(self.model, batch_size=size, beam_size=beam, n_best=beam,
+                                   length_penalty=self.length_penalty, attention=self.attention)
+      p.run(np.zeros((size, s, s, 3), np.uint8))  # compiles everything a call runs
+      with self._cond:
+        self.programs[key] = p
+        self.compiled += 1
+    keys = [(beam, size) for beam in self.beam_sizes for size in self.sizes]
     try:
-      for beam in self.beam_sizes:
-        for size in self.sizes:
-          if self._stop:
-            return
-          p = inference.BatchCaptioner(self.model, batch_size=size, beam_size=beam, n_best=beam,
-                                       length_penalty=self.length_penalty, attention=True)
-          s = self.model.input_size
-          p.run(np.zeros((size, s, s, 3), np.uint8))  # compiles everything a call runs
-          self.programs[beam, size] = p
-          self.compiled += 1
+      with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        list(pool.map(build, keys))
     except Exception as e:  # pylint: disable=broad-except
       self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
       log.error("warm-up failed: %s", self.failed)
+      return
+    if self._stop:
       return
     self.warmup_s = time.perf_counter() - t0
     self._thread = threading.Thread(target=self._loop, name="captionjax-model", daemon=True)
@@ -384,16 +397,16 @@ class Server:
 
   def __init__(self, model, batcher: Batcher, limits: Limits, default_beam: int,
                api_key: str = "", workers: int = 2, metrics: Optional[Metrics] = None,
-               warm_up: bool = True):
+               warm_up: bool = True, compile_threads: int = 1):
     self.model, self.batcher, self.limits = model, batcher, limits
     self.default_beam = default_beam
     self.api_key = api_key or ""
     self.metrics = metrics or batcher.metrics
-    self.workers = workers
+    self.workers, self.compile_threads = workers, compile_threads
     self._decoder: Optional[concurrent.futures.ThreadPoolExecutor] = None
     self._warm_up = warm_up
     self._page = page_html()
-    p = inference.attention_regions(model)
+    p = inference.attention_regions(model) if batcher.attention else 0
     g = int(round(math.sqrt(p))) if p else 0
     o = (model.image_size - model.input_size) / 2 / model.image_size
     self.attention_info = None if not p else {
@@ -424,8 +437,8 @@ class Server:
         server._decoder = concurrent.futures.ThreadPoolExecutor(
             max(1, server.workers), thread_name_prefix="captionjax-decode")
         if server._warm_up:
-          threading.Thread(target=server.batcher.warm_up, name="captionjax-warmup",
-                           daemon=True).start()
+          threading.Thread(target=server.batcher.warm_up, args=(server.compile_threads,),
+                           name="captionjax-warmup", daemon=True).start()
 
       async def __aexit__(self, *exc):
         server.batcher.close()
@@ -792,8 +805,9 @@ def build(args, model=None) -> Server:
     raise ValueError(f"--max_batch={args.max_batch}: must be >= 1")
   if args.max_wait_ms < 0:
     raise ValueError(f"--max_wait_ms={args.max_wait_ms}: must be >= 0")
-  if args.workers < 1:
-    raise ValueError(f"--workers={args.workers}: must be >= 1")
+  if args.workers < 1 or args.compile_threads < 1:
+    raise ValueError(f"--workers={args.workers}, --compile_threads={args.compile_threads}: "
+                     "must be >= 1")
   limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels,
                   max_images=args.max_images, max_queue=args.max_queue, timeout_s=args.timeout_s)
   limits.check()
@@ -803,10 +817,11 @@ def build(args, model=None) -> Server:
   metrics = Metrics()
   metrics.listen_to_jax()
   batcher = Batcher(model, range(1, args.max_beam_size + 1), batch_sizes(args.max_batch), lp,
-                    args.max_wait_ms / 1000.0, limits.max_queue, metrics)
+                    args.max_wait_ms / 1000.0, limits.max_queue, metrics,
+                    attention=not args.no_attention)
   api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV, "")
   return Server(model, batcher, limits, args.beam_size, api_key=api_key, workers=args.workers,
-                metrics=metrics)
+                metrics=metrics, compile_threads=args.compile_threads)
 
 
 def run(args) -> int:
@@ -815,8 +830,10 @@ def run(args) -> int:
   except (inference.CheckpointError, ValueError) as e:
     print(f"captionjax serve: error: {e}", file=sys.stderr)
     return 2
-  logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                      format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(asctime)s captionjax serve %(levelname)s: %(message)s"))
+  log.addHandler(handler)
+  log.propagate = False
   log.setLevel(args.log_level.upper())
   m = server.model
   log.info("model: %s step %d, %d words, %d px input, attention %s; compiling %d programs "
