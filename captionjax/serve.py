@@ -49,6 +49,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import threading
 import time
@@ -824,10 +825,30 @@ def build(args, model=None) -> Server:
                 metrics=metrics, compile_threads=args.compile_threads)
 
 
-def run(args) -> int:
+def listen(host: str, port: int) -> socket.socket:
+  """A listening TCP socket on host:port; OSError (naming the address) when it cannot be had."""
   try:
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+  except OSError as e:
+    raise OSError(f"--host={host}: {e.strerror or e}") from None
+  try:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(addr)
+    sock.listen(1024)
+  except OSError as e:
+    sock.close()
+    raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+  sock.set_inheritable(True)
+  return sock
+
+
+def run(args) -> int:
+  # The address first: a busy port fails at once, not after loading and compiling.
+  try:
+    sock = listen(args.host, args.port)
     server = build(args)
-  except (inference.CheckpointError, ValueError) as e:
+  except (inference.CheckpointError, ValueError, OSError) as e:
     print(f"captionjax serve: error: {e}", file=sys.stderr)
     return 2
   handler = logging.StreamHandler(sys.stderr)
@@ -848,7 +869,9 @@ def run(args) -> int:
   config = uvicorn.Config(server.app, host=args.host, port=args.port, log_level=args.log_level,
                           access_log=args.access_log, lifespan="on", timeout_keep_alive=5)
   try:
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
   except KeyboardInterrupt:
     pass
+  finally:
+    sock.close()
   return 0

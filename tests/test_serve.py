@@ -489,8 +489,15 @@ def test_full_queue_gets_503_with_retry_after(strict):
 
 def test_bad_command_lines_exit_2(tmp_path, capsys):
   from captionjax import cli  # pylint: disable=g-import-not-at-top
-  assert cli.main(["serve", f"--checkpoint={tmp_path}/nothing"]) == 2
+  port = _free_port()
+  assert cli.main(["serve", f"--checkpoint={tmp_path}/nothing", f"--port={port}"]) == 2
   assert "no such directory" in capsys.readouterr().err
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    assert cli.main(["serve", f"--checkpoint={tmp_path}",
+                     f"--port={busy.getsockname()[1]}"]) == 2
+    assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
 
 
 def test_batch_sizes():
