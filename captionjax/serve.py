@@ -866,6 +866,9 @@ def run(args) -> int:
                 "" if server.api_key else " without an API key (--api_key)")
   if server.api_key:
     log.info("API key required on /v1/* and /metrics")
+  shown = f"[{args.host}]" if ":" in args.host else args.host
+  log.info("listening on http://%s:%d/ (the page; the API under /v1/)", shown,
+           sock.getsockname()[1])
   config = uvicorn.Config(server.app, host=args.host, port=args.port, log_level=args.log_level,
                           access_log=args.access_log, lifespan="on", timeout_keep_alive=5)
   try:

@@ -186,33 +186,41 @@ class _Server:
 
 
 @pytest.fixture(scope="module")
-def server(trained_workdir, jax_compilation_cache, tmp_path_factory):
-  s = _Server(trained_workdir, jax_compilation_cache,
-              tmp_path_factory.mktemp("serve") / "server.log",
-              "--max_batch=4", "--max_beam_size=2", "--beam_size=2", "--max_wait_ms=50",
-              f"--max_bytes={MAX_BYTES}", f"--max_pixels={MAX_PIXELS}",
-              f"--max_images={MAX_IMAGES}", "--timeout_s=60")
+def servers(trained_workdir, jax_compilation_cache, tmp_path_factory):
+  """(server, strict), started together (their imports and compiles overlap).
+
+  server: beam sizes 1-2, batches padded to 1 or 4, small body, pixel and
+  image limits. strict: one image per model call, a queue of one image, an API
+  key (from the environment), a 3 s timeout.
+  """
+  logs = tmp_path_factory.mktemp("serve")
+  started = []
   try:
-    s.wait_ready()
-    yield s
+    started.append(_Server(
+        trained_workdir, jax_compilation_cache, logs / "server.log",
+        "--max_batch=4", "--max_beam_size=2", "--beam_size=2", "--max_wait_ms=50",
+        f"--max_bytes={MAX_BYTES}", f"--max_pixels={MAX_PIXELS}", f"--max_images={MAX_IMAGES}",
+        "--timeout_s=60"))
+    started.append(_Server(
+        trained_workdir, jax_compilation_cache, logs / "strict.log",
+        "--max_batch=1", "--max_beam_size=1", "--beam_size=1", "--max_wait_ms=0",
+        "--max_queue=1", "--max_images=1", "--timeout_s=3", env={"CAPTIONJAX_API_KEY": API_KEY}))
+    for s in started:
+      s.wait_ready()
+    yield tuple(started)
   finally:
-    s.stop()
+    for s in started:
+      s.stop()
 
 
 @pytest.fixture(scope="module")
-def strict(trained_workdir, jax_compilation_cache, tmp_path_factory):
-  """One image per model call, a queue of one image, an API key (from the
-  environment), a 3 s timeout."""
-  s = _Server(trained_workdir, jax_compilation_cache,
-              tmp_path_factory.mktemp("serve") / "strict.log",
-              "--max_batch=1", "--max_beam_size=1", "--beam_size=1", "--max_wait_ms=0",
-              "--max_queue=1", "--max_images=1", "--timeout_s=3",
-              env={"CAPTIONJAX_API_KEY": API_KEY})
-  try:
-    s.wait_ready()
-    yield s
-  finally:
-    s.stop()
+def server(servers):
+  return servers[0]
+
+
+@pytest.fixture(scope="module")
+def strict(servers):
+  return servers[1]
 
 
 @pytest.fixture(scope="module")

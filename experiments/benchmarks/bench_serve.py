@@ -346,7 +346,7 @@ def main():
   if bool(args.checkpoint) == bool(args.url):
     raise SystemExit("give --checkpoint (start a server) or --url (a local one)")
   images = load_images(args.images, args.num_generated)
-  clients = [int(c) for c in args.clients.split(",")]
+  clients = [int(c) for c in args.clients.split(",") if c.strip()]  # "": the soak alone
   _say(f"{len(images)} images, {sum(len(d) for d, _, _ in images) / len(images) / 1024:.0f} KiB "
        "on average")
   out = {"images": len(images), "image_source": args.images or "generated 320x240 JPEG",
@@ -366,7 +366,7 @@ def main():
       out["ready_after_s"] = round(time.time() - t0, 1)
       host, port = "127.0.0.1", servers[0].port
     out["load"] = load_test(host, port, images, clients, args.duration_s, args.repeats)
-    if args.unbatched and args.checkpoint:
+    if args.unbatched and args.checkpoint and clients:
       s = Server(args.checkpoint, [f"--max_bytes={args.max_bytes}", "--max_batch=1",
                                    "--max_beam_size=2"] + args.server_flags.split(),
                  os.path.join(args.log_dir, "bench_serve_unbatched.log"))
