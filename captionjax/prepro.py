@@ -219,12 +219,6 @@ def _up_to_date(output_dir: str, fp: str | None) -> dict | None:
   return info
 
 
-def _token_lists(item: dict) -> list[list[str]]:
-  if item.get("tokens") is not None:
-    return [[str(w).lower() for w in t] for t in item["tokens"]]
-  return [vocab_lib.tokenize(c) for c in item["captions"]]
-
-
 def prepro(items: list[dict], output_dir: str, *, images_root: str = "",
            num_val: int = 5000, num_test: int = 5000, max_length: int = 16,
            word_count_threshold: int = 5, vocab_from_all_splits: bool = False,
