@@ -231,6 +231,32 @@ def test_scan_equals_step_loop(rnn_type, num_layers, every_step):
     assert leaf.shape == (b, 7)
 
 
+def test_parameter_tree_is_the_checkpoint_layout():
+  # Checkpoints written by earlier versions load: the names and shapes of the
+  # LM's parameters (here E=6, H=4, V=5, two LSTM layers; an RNN; attention)
+  # are fixed, whatever the teacher-forced path computes with them.
+  def shapes(**kw):
+    model = Captioner(vocab_size=5, cnn="none", input_encoding_size=6, rnn_size=4, **kw)
+    feats = jax.ShapeDtypeStruct((2, 12), jnp.float32)
+    captions = jax.ShapeDtypeStruct((2, 2, 5), jnp.int32)
+    params = jax.eval_shape(model.init, key(0), feats, captions)["params"]
+    return jax.tree_util.tree_map(lambda x: x.shape, params)
+
+  dense = lambda n_in, n_out: {"kernel": (n_in, n_out), "bias": (n_out,)}
+  lm = {"embed": {"embedding": (6, 6)}, "logit": dense(4, 6),
+        "cells_0": {"i2h": dense(6, 16), "h2h": dense(4, 16)}}
+  assert shapes(num_layers=2) == {
+      "img_embed": dense(12, 6),
+      "lm": dict(lm, cells_1={"i2h": dense(4, 16), "h2h": dense(4, 16)})}
+  assert shapes(rnn_type="rnn") == {
+      "img_embed": dense(12, 6),
+      "lm": dict(lm, cells_0={"i2h": dense(6, 4), "h2h": dense(4, 4)})}
+  assert shapes(attention_regions=3) == {
+      "img_embed": dict(dense(4, 6), pos=(3, 6)),
+      "lm": dict(lm, att_key=dense(6, 6), att_query={"kernel": (10, 6)},
+                 att_score={"kernel": (6, 1)})}
+
+
 def test_captioner_call_equals_encode_and_decode_steps():
   v, b, s, max_length = 10, 2, 2, 3
   rng = np.random.default_rng(5)

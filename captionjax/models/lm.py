@@ -37,20 +37,36 @@ class LSTMCell(nn.Module):
   One linear map of the input and one of the previous hidden state, summed
   into the 4H pre-activations, split in the order of the Lua code: input gate,
   forget gate, output gate (sigmoids), then the candidate (tanh). No peepholes.
+
+  The input map is a method of its own (`project`) so that teacher forcing
+  can apply it to every time step at once, outside the recurrence, and run
+  only `recur` step by step (as cuDNN's LSTM does); `__call__` is the two
+  together, one step.
   """
   features: int  # H
 
-  @nn.compact
-  def __call__(self, carry: LSTMCarry, x: jax.Array):
-    """carry: (c [B, H], h [B, H]); x: [B, D] -> (new carry, h [B, H])."""
+  def setup(self):
+    self.i2h = nn.Dense(4 * self.features)
+    self.h2h = nn.Dense(4 * self.features)
+
+  def project(self, x: jax.Array) -> jax.Array:
+    """The input side of the pre-activations: x [..., D] -> [..., 4H]."""
+    return self.i2h(x)
+
+  def recur(self, carry: LSTMCarry, projected: jax.Array):
+    """carry: (c [B, H], h [B, H]); projected = project(x) [B, 4H] ->
+    (new carry, h [B, H])."""
     c, h = carry
-    sums = (nn.Dense(4 * self.features, name="i2h")(x)
-            + nn.Dense(4 * self.features, name="h2h")(h))  # -> [B, 4H]
+    sums = projected + self.h2h(h)  # -> [B, 4H]
     in_gate, forget_gate, out_gate, candidate = jnp.split(sums, 4, axis=-1)
     c = (nn.sigmoid(forget_gate) * c
          + nn.sigmoid(in_gate) * jnp.tanh(candidate))
     h = nn.sigmoid(out_gate) * jnp.tanh(c)
     return (c, h), h
+
+  def __call__(self, carry: LSTMCarry, x: jax.Array):
+    """carry: (c [B, H], h [B, H]); x: [B, D] -> (new carry, h [B, H])."""
+    return self.recur(carry, self.project(x))
 
   @nn.nowrap
   def initial_carry(self, batch_size: int, dtype=jnp.float32) -> LSTMCarry:
@@ -59,15 +75,28 @@ class LSTMCell(nn.Module):
 
 
 class RNNCell(nn.Module):
-  """Vanilla tanh RNN cell, as NeuralTalk's: h = tanh(W_x x + W_h h)."""
+  """Vanilla tanh RNN cell, as NeuralTalk's: h = tanh(W_x x + W_h h).
+
+  `project` and `recur` split it as LSTMCell's.
+  """
   features: int  # H
 
-  @nn.compact
+  def setup(self):
+    self.i2h = nn.Dense(self.features)
+    self.h2h = nn.Dense(self.features)
+
+  def project(self, x: jax.Array) -> jax.Array:
+    """x [..., D] -> W_x x + b [..., H]."""
+    return self.i2h(x)
+
+  def recur(self, carry: jax.Array, projected: jax.Array):
+    """carry: h [B, H]; projected = project(x) [B, H] -> (new h, h [B, H])."""
+    h = jnp.tanh(projected + self.h2h(carry))
+    return h, h
+
   def __call__(self, carry: jax.Array, x: jax.Array):
     """carry: h [B, H]; x: [B, D] -> (new h, h [B, H])."""
-    h = jnp.tanh(nn.Dense(self.features, name="i2h")(x)
-                 + nn.Dense(self.features, name="h2h")(carry))
-    return h, h
+    return self.recur(carry, self.project(x))
 
   @nn.nowrap
   def initial_carry(self, batch_size: int, dtype=jnp.float32) -> jax.Array:
@@ -172,20 +201,55 @@ class LanguageModel(nn.Module):
     """Teacher forcing: img_emb [B, E], inputs [B, T] int32 -> [B, T, V+1].
 
     `inputs` starts with START (0); logits[:, t] predicts inputs[:, t+1] (and
-    the END after the last word). The scan runs `step` itself, so it shares
-    its parameters and gives the same logits as a loop of `step` calls.
+    the END after the last word). The same parameters and the same logits as
+    a loop of `step` calls, computed as cuDNN's LSTM does: the word
+    embeddings, each layer's input map (the cells' `project`) and the output
+    layer run once over all T steps as single matmuls, and the scan over
+    time carries only the recurrence (`recur`: the hidden-state map and the
+    gates), layer by layer. With `attention` a word's input depends on the
+    previous step's hidden state (the attention query), so the layer stack
+    runs step by step inside the scan; the output layer is still batched.
+    Dropout masks are drawn for all steps at once.
     """
     carry = self.start(img_emb, train)
+    x = self.embed(inputs)  # -> [B, T, E]
+    if self.attention:
+      h = self._attention_scan(carry, x, train)  # -> [B, T, H]
+    else:
+      if self.image_every_step:
+        carry, img = carry
+        x = x + img[:, None]  # -> [B, T, E]
+      h = self._layers_scan(carry, x, train)  # -> [B, T, H]
+    h = self.dropout(h, deterministic=not train)
+    return self.logit(h)  # -> [B, T, V+1]
 
-    def body(module, carry, tokens):  # tokens: [B]
-      return module.step(carry, tokens, train)
+  def _layers_scan(self, carry, x: jax.Array, train: bool) -> jax.Array:
+    """Layer by layer: x [B, T, E] -> top hidden states [B, T, H]."""
+    for layer, cell in enumerate(self.cells):
+      if layer > 0:
+        x = self.dropout(x, deterministic=not train)
+      projected = cell.project(x)  # -> [B, T, 4H] (LSTM) or [B, T, H]
 
-    scan = nn.scan(body,
-                   variable_broadcast="params",
+      def body(module, layer_carry, projected_t, layer=layer):  # [B, 4H]
+        return module.cells[layer].recur(layer_carry, projected_t)
+
+      scan = nn.scan(body, variable_broadcast="params",
+                     split_rngs={"params": False}, in_axes=1, out_axes=1)
+      _, x = scan(self, carry[layer], projected)  # -> [B, T, H]
+    return x
+
+  def _attention_scan(self, carry, x: jax.Array, train: bool) -> jax.Array:
+    """With attention: word embeddings x [B, T, E] -> top h [B, T, H]."""
+    def body(module, carry, x_t):  # x_t: [B, E]
+      x_t = x_t + module._attend(carry, x_t)
+      cells, h = module._core(carry[0], x_t, train)
+      return (cells,) + carry[1:], h
+
+    scan = nn.scan(body, variable_broadcast="params",
                    split_rngs={"params": False, "dropout": True},
                    in_axes=1, out_axes=1)
-    _, logits = scan(self, carry, inputs)  # -> [B, T, V+1]
-    return logits
+    _, h = scan(self, carry, x)  # -> [B, T, H]
+    return h
 
 
 def count_params(params: Any) -> int:
