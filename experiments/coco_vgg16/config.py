@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rnn_type = "lstm"  # NeuralTalk2's LSTM
   c.model.image_every_step = False  # NeuralTalk2: the image at the first step only
   c.model.attention = False  # NeuralTalk2: no attention (one fc7 vector per image)
+  c.dtype = "bfloat16"  # mixed precision (parameters, loss and beam scores stay float32)
 
   # ---- no object pretraining: COCO has no object labels in the records
   c.cnn_pretrain_steps = 0  # the ImageNet weights are the CNN's pretraining
