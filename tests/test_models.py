@@ -18,6 +18,9 @@ from captionjax.models.captioner import Captioner
 from captionjax.models.lm import LanguageModel
 from captionjax.models.vgg import VGG16, SmallVGG, adaptive_pool, space_to_depth
 
+# Compared with references: full float32 matmuls on any backend (conftest).
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
+
 END_ID = 0
 
 
@@ -45,6 +48,14 @@ def mean_loss(logits, captions, mask):
   loss_sum, count = masked_cross_entropy(logits, captions[..., 1:],
                                          mask[..., 1:])
   return loss_sum / count
+
+
+def test_matmul_precision_is_pinned():
+  # This module's matmuls are full float32 whatever JAX_DEFAULT_MATMUL_PRECISION
+  # or the backend's default says (TF32 on GPUs). The CPU ignores the setting,
+  # so this checks the compiled program, not the numbers.
+  x = jax.ShapeDtypeStruct((4, 4), jnp.float32)
+  assert "precision = [HIGHEST, HIGHEST]" in jax.jit(jnp.dot).lower(x, x).as_text()
 
 
 # ---------------------------------------------------------------------------
