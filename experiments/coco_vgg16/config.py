@@ -3,7 +3,8 @@
     captionjax train --config=experiments/coco_vgg16/config.py --workdir=runs/coco_vgg16
 
 NeuralTalk2's `train.lua` defaults, on the data and weights prepared as the
-README beside this file says (`data/coco_224`, `weights/vgg16_imagenet`).
+README beside this file says (`data/coco_224`, `weights/vgg16_imagenet`;
+scripts/05_train.sh passes the paths under coco_run/ and runs the two stages).
 Fields not set here keep the embedded default's values and comments
 (captionjax/configs/default.py).
 """
