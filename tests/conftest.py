@@ -22,6 +22,22 @@ def jax_compilation_cache(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="module")
+def highest_matmul_precision():
+  """Full float32 matmuls and convolutions for a whole test module, on any backend.
+
+  Modules that compare numbers with a reference (numpy, a step loop, brute
+  force, Keras, PyTorch's layout) use it with
+  `pytestmark = pytest.mark.usefixtures("highest_matmul_precision")`: GPUs
+  default to TF32 (10-bit mantissa) and TPUs to bfloat16 passes, which move
+  the results past float32 tolerances and can flip a beam search's ties.
+  Module-scoped, so that the module's own fixtures compile under it too.
+  """
+  import jax
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
   """A tiny shapes data set, generated and preprocessed (64 px)."""

@@ -19,8 +19,10 @@ from captionjax import cli
 from captionjax import inference
 from captionjax import vocab as vocab_lib
 
-# imageio-ffmpeg starts ffmpeg with subprocess; JAX warns about any fork.
-pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+# imageio-ffmpeg starts ffmpeg with subprocess; JAX warns about any fork. Compared
+# with references (one-by-one captions, a token loop): full float32 matmuls (conftest).
+pytestmark = [pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning"),
+              pytest.mark.usefixtures("highest_matmul_precision")]
 
 IMAGE_SIZE = 32
 MAX_LENGTH = 6

@@ -18,6 +18,17 @@ from captionjax.decode import END_ID, NEG_INF
 from captionjax.losses import masked_cross_entropy
 from captionjax.models.captioner import Captioner
 
+# Compared with references: full float32 matmuls on any backend (conftest).
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
+
+
+def test_matmul_precision_is_pinned():
+  # This module's matmuls are full float32 whatever JAX_DEFAULT_MATMUL_PRECISION
+  # or the backend's default says (TF32 on GPUs). The CPU ignores the setting,
+  # so this checks the compiled program, not the numbers.
+  x = jax.ShapeDtypeStruct((4, 4), jnp.float32)
+  assert "precision = [HIGHEST, HIGHEST]" in jax.jit(jnp.dot).lower(x, x).as_text()
+
 
 def key(seed):
   """A PRNG key for the tests. The "rbg" implementation: XLA on this CPU

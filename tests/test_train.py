@@ -61,14 +61,16 @@ def test_first_logged_loss_of_the_run_is_log_vocabulary(trained_workdir):
   assert abs(first - math.log(v + 1)) < 0.05 * math.log(v + 1), (first, v)
 
 
-def test_overfits_a_handful_of_captions(shapes_dir):
-  """Five images with one caption each are memorized: the loss goes to nearly zero."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_overfits_a_handful_of_captions(shapes_dir, dtype):
+  """Five images with one caption each are memorized: the loss goes to nearly zero
+  (also with config.dtype="bfloat16": mixed precision)."""
   from captionjax import optim
   from captionjax import steps
   from captionjax import vocab as vocab_lib
   from captionjax.models import build
   config = tiny_config(shapes_dir, model__drop_prob_lm=0.0, learning_rate=1e-2,
-                       learning_rate_decay_start=-1)
+                       learning_rate_decay_start=-1, dtype=dtype)
   vocab = vocab_lib.Vocabulary.load(shapes_dir)
   cnn, lm, _ = build.make_models(config, len(vocab))
   batch, _ = _caption_batch(shapes_dir, 5, 1)
@@ -77,6 +79,7 @@ def test_overfits_a_handful_of_captions(shapes_dir):
   tx_cnn = optim.cnn_optimizer(config)
   params = dict(lm.init(jax.random.PRNGKey(0), batch["features"],
                         jnp.asarray(batch["captions"]))["params"], cnn={})
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
   lm_part = {k: params[k] for k in ("img_embed", "lm")}
   state = {"step": jnp.int32(0), "params": params, "batch_stats": {},
            "opt_state": {"lm": tx_lm.init(lm_part), "cnn": tx_cnn.init({})}}

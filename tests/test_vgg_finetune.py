@@ -25,6 +25,9 @@ from captionjax import weights
 from captionjax.models.vgg import VGG16
 from conftest import tiny_config
 
+# Compared with references: full float32 matmuls on any backend (conftest).
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
+
 SEQ = 5
 
 

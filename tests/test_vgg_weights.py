@@ -22,6 +22,9 @@ from captionjax import cli
 from captionjax import weights
 from captionjax.models.vgg import VGG16, VGG16_BLOCKS
 
+# Compared with references: full float32 matmuls on any backend (conftest).
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")
+
 SIZE = 224
 
 

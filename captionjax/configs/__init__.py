@@ -76,6 +76,7 @@ _MINIMUM = {
     "shapes.num_test": 0, "shapes.num_novel": 0,
 }
 _UNIT_INTERVAL = ("model.drop_prob_lm",)  # in [0, 1)
+_CHOICES = {"dtype": ("float32", "bfloat16")}  # one of these
 _FINITE_NONNEGATIVE = ("learning_rate", "cnn_learning_rate", "cnn_pretrain_learning_rate",
                        "grad_clip", "length_penalty", "cnn_weight_decay", "epsilon")
 
@@ -103,6 +104,10 @@ def validate(config) -> None:
     v = _get(config, key)
     if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
       raise ConfigError(f"config.{key}={v!r}: must be a finite number >= 0")
+  for key, allowed in _CHOICES.items():
+    v = _get(config, key)
+    if v is not None and v not in allowed:
+      raise ConfigError(f"config.{key}={v!r}: must be one of {', '.join(allowed)}")
 
 
 def _parse_value(text: str):

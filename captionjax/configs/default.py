@@ -53,6 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rnn_type = "lstm"  # "lstm" or "rnn"
   c.model.image_every_step = False  # also add the image embedding to every word input
   c.model.attention = True  # attend over the CNN's grid cells at every word (needs pool="grid")
+  # Compute dtype of the CNN and the LM: "float32", or "bfloat16" (mixed precision: matmuls
+  # and convolutions in bfloat16, about twice the GPU/TPU throughput; the parameters, the
+  # optimizer, the LSTM's gates and cell state, the logits, the loss and the beam scores stay
+  # float32, so checkpoints are the same either way). Not a model field: a run may switch it.
+  c.dtype = "float32"
 
   # ---- CNN pretraining on the data set's object labels (shapes only; 0 = off)
   c.cnn_pretrain_steps = 600  # steps of object recognition before captioning

@@ -32,7 +32,13 @@ def meteor_jar_dir() -> Optional[str]:
 
 
 def missing_requirement() -> Optional[str]:
-  """Why METEOR cannot run here (a one-line message), or None if it can."""
+  """Why METEOR cannot run here (a one-line message), or None if it can.
+
+  CAPTIONJAX_METEOR=0 in the environment turns it off (Java's start costs
+  about 12 s of CPU per scoring: quick runs such as scripts/ --dry_run skip it).
+  """
+  if os.environ.get("CAPTIONJAX_METEOR", "1") == "0":
+    return "METEOR turned off (CAPTIONJAX_METEOR=0)"
   if shutil.which(JAVA) is None:
     return "METEOR needs Java: no `java` executable on PATH"
   if meteor_jar_dir() is None:

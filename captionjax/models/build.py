@@ -40,6 +40,18 @@ def attention_regions(model_config) -> int:
   return kw.get("grid", 2) ** 2
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")  # config.dtype's values
+
+
+def compute_dtype(config):
+  """config.dtype ("float32" or "bfloat16"; absent in older configs: float32) -> the
+  models' compute dtype. The parameters are float32 either way."""
+  name = config.get("dtype", "float32")
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"config.dtype={name!r}: must be one of {COMPUTE_DTYPES}")
+  return jnp.dtype(name)
+
+
 def make_models(config, vocab_size: int):
   """(cnn, lm, full): the CNN alone, the captioner on features, the whole captioner.
 
@@ -52,7 +64,7 @@ def make_models(config, vocab_size: int):
                 rnn_size=m.rnn_size, num_layers=m.num_layers,
                 drop_prob_lm=m.drop_prob_lm, rnn_type=m.rnn_type,
                 image_every_step=m.get("image_every_step", False),
-                attention_regions=attention_regions(m))
+                attention_regions=attention_regions(m), dtype=compute_dtype(config))
   cnn_kwargs = m.cnn_kwargs.to_dict()
   if m.get("cnn_weights"):  # imported VGG16 weights: the input normalization they expect
     from captionjax import weights  # pylint: disable=g-import-not-at-top
@@ -62,7 +74,7 @@ def make_models(config, vocab_size: int):
       cnn_kwargs.update(weights.model_kwargs(m.cnn_weights))
   if m.cnn not in captioner_lib.CNNS:
     raise ValueError(f"config.model.cnn: unknown CNN {m.cnn!r} (one of {sorted(captioner_lib.CNNS)})")
-  cnn = captioner_lib.CNNS[m.cnn](**cnn_kwargs)
+  cnn = captioner_lib.CNNS[m.cnn](**cnn_kwargs, dtype=kwargs["dtype"])
   lm = captioner_lib.Captioner(cnn=captioner_lib.NO_CNN, **kwargs)
   full = captioner_lib.Captioner(cnn=m.cnn, cnn_kwargs=cnn_kwargs, **kwargs)
   return cnn, lm, full

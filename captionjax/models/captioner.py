@@ -21,6 +21,11 @@ Usage:
 
 Rng names: "dropout" (the LM, and VGG16's fc layers). Collections: "params",
 and "batch_stats" with cnn="small_vgg" (mutable when train=True).
+
+Mixed precision: `dtype=jnp.bfloat16` computes the CNN, the embeddings and
+the LM in bfloat16; the parameters (and BatchNorm statistics) stay float32
+whatever the dtype, so checkpoints do not depend on it, and the logits come
+out float32 (see lm.py).
 """
 
 from typing import Any, Mapping, Optional
@@ -43,6 +48,7 @@ class RegionEmbed(nn.Module):
   regions, and a learned [P, E] position table, since captions say where.
   """
   features: int  # E
+  dtype: Optional[Any] = None  # compute dtype (parameters stay float32)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -50,6 +56,7 @@ class RegionEmbed(nn.Module):
                         (x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     pos = self.param("pos", nn.initializers.normal(0.02), (x.shape[-2], self.features))
+    x, kernel, bias, pos = nn.dtypes.promote_dtype(x, kernel, bias, pos, dtype=self.dtype)
     return nn.relu(x @ kernel + bias + pos)  # -> [B, P, E]
 
 
@@ -71,6 +78,9 @@ class Captioner(nn.Module):
   # cells, row-major); each is embedded with its own position and the LM
   # attends over them (LanguageModel.attention). 0: NeuralTalk2's one vector.
   attention_regions: int = 0
+  # Compute dtype, e.g. jnp.bfloat16 (None: the parameters' float32). The
+  # parameters stay float32; the logits are float32.
+  dtype: Optional[Any] = None
 
   def setup(self):
     self.lm = LanguageModel(
@@ -81,7 +91,8 @@ class Captioner(nn.Module):
         drop_prob_lm=self.drop_prob_lm,
         rnn_type=self.rnn_type,
         image_every_step=self.image_every_step,
-        attention=self.attention_regions > 0)
+        attention=self.attention_regions > 0,
+        dtype=self.dtype)
 
   @nn.compact
   def encode(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -96,7 +107,7 @@ class Captioner(nn.Module):
       if self.cnn not in CNNS:
         raise ValueError(f"cnn must be one of {sorted(CNNS) + [NO_CNN]}, "
                          f"got {self.cnn!r}")
-      x = CNNS[self.cnn](**dict(self.cnn_kwargs or {}), name="cnn")(
+      x = CNNS[self.cnn](**dict(self.cnn_kwargs or {}), dtype=self.dtype, name="cnn")(
           x, train=train)  # -> [B, D]
     if x.ndim != 2:
       raise ValueError(f"the CNN features must be [B, D], got {x.shape}; "
@@ -107,20 +118,21 @@ class Captioner(nn.Module):
         raise ValueError(f"attention_regions={p} does not divide the CNN feature size "
                          f"{x.shape[-1]}")
       x = x.reshape(x.shape[0], p, -1)  # -> [B, P, C]
-      return RegionEmbed(self.input_encoding_size, name="img_embed")(x)  # -> [B, P, E]
-    return nn.relu(nn.Dense(self.input_encoding_size, name="img_embed")(x))
+      return RegionEmbed(self.input_encoding_size, dtype=self.dtype,
+                         name="img_embed")(x)  # -> [B, P, E]
+    return nn.relu(nn.Dense(self.input_encoding_size, dtype=self.dtype, name="img_embed")(x))
 
   def decode_start(self, img_emb: jax.Array, train: bool = False):
     """img_emb [N, E] -> carry (pytree with leading dimension N)."""
     return self.lm.start(img_emb, train)
 
   def decode_step(self, carry, tokens: jax.Array, train: bool = False):
-    """tokens [N] int32 -> (carry, logits [N, V+1])."""
+    """tokens [N] int32 -> (carry, logits [N, V+1] float32)."""
     return self.lm.step(carry, tokens, train)
 
   def __call__(self, images: jax.Array, captions: jax.Array,
                train: bool = False) -> jax.Array:
-    """images [B, ...], captions [B, S, L] int32 -> logits [B, S, L-1, V+1].
+    """images [B, ...], captions [B, S, L] int32 -> logits [B, S, L-1, V+1] float32.
 
     logits[b, s, t] predicts captions[b, s, t+1]: inputs are
     captions[..., :-1] (START, the words, END, padding), targets

@@ -7,9 +7,13 @@ Dimensions:
 Dropout uses the rng collection "dropout" (VGG16's fc layers, `train=True`).
 SmallVGG has BatchNorm: with `train=True` its "batch_stats" collection must be
 mutable.
+
+`dtype` (both CNNs) is the compute dtype, e.g. jnp.bfloat16: convolutions,
+dense layers and the output in it; parameters and BatchNorm statistics stay
+float32 (BatchNorm computes its statistics in float32).
 """
 
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -88,6 +92,7 @@ class VGG16(nn.Module):
   # How the input is normalized before the first convolution: "none",
   # "caffe" or "torch" (set from imported weights: captionjax.weights).
   preprocess: str = "none"
+  dtype: Optional[Any] = None  # compute dtype (None: the parameters' float32)
 
   def setup(self):
     if self.output not in VGG16_OUTPUTS:
@@ -101,16 +106,16 @@ class VGG16(nn.Module):
       for i, width in enumerate(widths, start=1):
         name = f"block{block}_conv{i}"
         # setattr registers the submodule under its Keras name.
-        setattr(self, name, nn.Conv(width, (3, 3), padding="SAME"))
+        setattr(self, name, nn.Conv(width, (3, 3), padding="SAME", dtype=self.dtype))
         convs.append(name)
       convs.append("pool")
     self._layer_names = tuple(convs)
     if self.output != "conv5":
-      self.fc1 = nn.Dense(VGG16_FC_SIZE)
-      self.fc2 = nn.Dense(VGG16_FC_SIZE)
+      self.fc1 = nn.Dense(VGG16_FC_SIZE, dtype=self.dtype)
+      self.fc2 = nn.Dense(VGG16_FC_SIZE, dtype=self.dtype)
       self.dropout = nn.Dropout(self.dropout_rate)
     if self.output == "logits":
-      self.predictions = nn.Dense(IMAGENET_CLASSES)
+      self.predictions = nn.Dense(IMAGENET_CLASSES, dtype=self.dtype)
 
   def conv_features(self, x: jax.Array) -> jax.Array:
     """The 13 convolutions and 5 pools: [B, 224, 224, 3] -> [B, 7, 7, 512]."""
@@ -184,15 +189,17 @@ class SmallVGG(nn.Module):
   pool_last: bool = True  # False keeps the last block's resolution (no pool)
   cell_fc: int = 0  # pool="grid": a per-cell Dense + ReLU of this width (0 = none)
   bn_momentum: float = 0.9
+  dtype: Optional[Any] = None  # compute dtype (None: the parameters' float32)
 
   def setup(self):
     for block, width in enumerate(self.widths, start=1):
       for i in range(1, self.convs_per_block + 1):
         setattr(self, f"block{block}_conv{i}",
-                nn.Conv(width, (3, 3), padding="SAME", use_bias=False))
-        setattr(self, f"block{block}_bn{i}", nn.BatchNorm(momentum=self.bn_momentum))
+                nn.Conv(width, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype))
+        setattr(self, f"block{block}_bn{i}",
+                nn.BatchNorm(momentum=self.bn_momentum, dtype=self.dtype))
     if self.cell_fc:
-      self.cell_fc_dense = nn.Dense(self.cell_fc)
+      self.cell_fc_dense = nn.Dense(self.cell_fc, dtype=self.dtype)
 
   def features(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, h, w, 3] -> feature map [B, h', w', C] (C = widths[-1])."""

@@ -3,7 +3,8 @@
     captionjax train --config=experiments/coco_vgg16/config.py --workdir=runs/coco_vgg16
 
 NeuralTalk2's `train.lua` defaults, on the data and weights prepared as the
-README beside this file says (`data/coco_224`, `weights/vgg16_imagenet`).
+README beside this file says (`data/coco_224`, `weights/vgg16_imagenet`;
+scripts/05_train.sh passes the paths under coco_run/ and runs the two stages).
 Fields not set here keep the embedded default's values and comments
 (captionjax/configs/default.py).
 """
@@ -41,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rnn_type = "lstm"  # NeuralTalk2's LSTM
   c.model.image_every_step = False  # NeuralTalk2: the image at the first step only
   c.model.attention = False  # NeuralTalk2: no attention (one fc7 vector per image)
+  c.dtype = "bfloat16"  # mixed precision (parameters, loss and beam scores stay float32)
 
   # ---- no object pretraining: COCO has no object labels in the records
   c.cnn_pretrain_steps = 0  # the ImageNet weights are the CNN's pretraining
