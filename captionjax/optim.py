@@ -92,6 +92,24 @@ class TrainStates:
     return {"step": jnp.int32(0), "params": p, "batch_stats": self.batch_stats,
             "opt_state": self.tx_pre.init(p)}
 
+  def restore(self, ckpt, step: int, state, caption_phase: bool) -> dict:
+    """Checkpoint `step` shaped as `state` (captionjax/checkpoints.py).
+
+    A caption checkpoint may differ from this run in the CNN's Adam state: one
+    saved with the CNN frozen has none where this run fine-tunes it (it gets a
+    fresh one), and one saved before frozen CNNs lost theirs has one where
+    this run keeps the CNN frozen.
+    """
+    from captionjax import checkpoints  # pylint: disable=g-import-not-at-top
+    if not caption_phase:
+      return checkpoints.restore_state(ckpt, step, state)
+    fine_tunes = "cnn" in state["opt_state"]
+    other = self.caption(state["params"], state["batch_stats"], 0, not fine_tunes)
+    state = checkpoints.restore_state(ckpt, step, state, other)
+    if fine_tunes and "cnn" not in state["opt_state"]:
+      state["opt_state"] = {**state["opt_state"], "cnn": self.tx_cnn.init(state["params"]["cnn"])}
+    return state
+
   def caption(self, params, batch_stats, step: int, cnn_opt=None) -> dict:
     """The captioner's parameters with fresh optimizer states: the LM's, and
     the CNN's when it will be fine-tuned (or `cnn_opt` says so)."""

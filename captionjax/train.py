@@ -261,17 +261,7 @@ def _start_or_resume(r: Run, latest, start_from, params, batch_stats, feat_dim, 
   if latest is not None:
     if meta["phase"] == PHASE_CAPTION and pretrain:
       state = states.caption(params, batch_stats, 0)
-    # The checkpoint may differ from this run in the CNN's Adam state: one saved
-    # with the CNN frozen has none where this run fine-tunes it (it gets a fresh
-    # one), and one saved before frozen CNNs lost theirs has one where this run
-    # keeps the CNN frozen.
-    other, fine_tunes = None, "opt_state" in state and "cnn" in state["opt_state"]
-    if "opt_state" in state and meta["phase"] == PHASE_CAPTION:
-      other = states.caption(params, batch_stats, 0, not fine_tunes)
-    state = ckpt_lib.restore_state(r.ckpt, latest, state, other)
-    if fine_tunes and "cnn" not in state["opt_state"]:
-      state["opt_state"] = {**state["opt_state"],
-                            "cnn": states.tx_cnn.init(state["params"]["cnn"])}
+    state = states.restore(r.ckpt, latest, state, meta["phase"] == PHASE_CAPTION)
     r.step, r.position = int(meta["step"]), int(meta.get("data_position", 0))
     r.first_loss = dict(meta.get("first_loss", {}))
     if meta.get("rng") is not None:
