@@ -183,8 +183,6 @@ def decode_options(args, config):
   bad = args.bad_endings
   if bad is None:
     bad = config.get("bad_endings", ",".join(decode.BAD_ENDINGS))
-  if bad.strip().lower() == "none":
-    bad = ""
   try:
     return decode.DecodeOptions(
         beam_size=1 if args.sample else args.beam_size, length_penalty=lp,

@@ -76,7 +76,8 @@ class DecodeOptions:
   length_penalty: float = 0.0  # alpha of `length_normalize` (0: rank by log-probability)
   min_length: int = 1  # END forbidden before this many words (0: empty captions allowed)
   block_trigrams: bool = False  # forbid a word that repeats a trigram of the caption
-  bad_endings: Tuple[str, ...] = BAD_ENDINGS  # END forbidden after these words (() = none)
+  bad_endings: Tuple[str, ...] = BAD_ENDINGS  # END forbidden after these words (() = none;
+  # also given as "a,the,with" or "none")
   num_groups: int = 1  # G: diverse beam search with K/G beams per group (1 = plain)
   diversity_lambda: float = 0.5  # Hamming diversity penalty between groups
   sample: bool = False  # sample instead of the beam search
@@ -86,7 +87,7 @@ class DecodeOptions:
   num_samples: int = 1  # sampling: captions per image
 
   def __post_init__(self):
-    object.__setattr__(self, "bad_endings", tuple(self.bad_endings))
+    object.__setattr__(self, "bad_endings", parse_words(self.bad_endings))
     checks = [
         ("beam_size", self.beam_size >= 1, ">= 1"),
         ("min_length", self.min_length >= 0, ">= 0"),
@@ -136,15 +137,13 @@ class DecodeOptions:
     defaults, so older configs load."""
     kw = {f.name: config[f.name] for f in dataclasses.fields(cls)
           if f.name in config and f.name != "num_samples"}
-    if "bad_endings" in kw:
-      kw["bad_endings"] = parse_words(kw["bad_endings"])
     return cls(**{**kw, **changes})
 
 
 def parse_words(words) -> Tuple[str, ...]:
-  """"a,the , with" or a sequence of words -> ("a", "the", "with")."""
+  """"a,the , with" or a sequence of words -> ("a", "the", "with"); "none" -> ()."""
   if isinstance(words, str):
-    words = words.split(",")
+    words = [] if words.strip().lower() == "none" else words.split(",")
   return tuple(w.strip() for w in words if w.strip())
 
 

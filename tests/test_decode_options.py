@@ -66,8 +66,7 @@ def static(rules):
 
 
 @pytest.mark.parametrize("rules", [
-    {"min_length": 1}, {"min_length": 3},
-    {"min_length": 0, "block_trigrams": True},
+    {"min_length": 3}, {"min_length": 0, "block_trigrams": True},
     {"min_length": 1, "block_trigrams": True, "bad": (1,)},
 ])
 def test_constrained_beam_search_equals_brute_force(rules):
@@ -119,12 +118,12 @@ def reference_greedy(params, carry, t, min_length=0, block_trigrams=False,
 
 
 @pytest.mark.parametrize("rules", [
-    {"min_length": 4}, {"block_trigrams": True},
-    {"min_length": 2, "block_trigrams": True, "bad": (1, 3)},
+    {"min_length": 4}, {"min_length": 2, "block_trigrams": True, "bad": (1, 3)},
 ])
 def test_constrained_greedy_equals_reference(rules):
   # A sharp random RNN on 3 words: greedy captions run in cycles (repeated
-  # trigrams) or stop early, so every rule changes some captions.
+  # trigrams) or stop early, so every rule changes some captions; in the
+  # second case some caption reaches a point where every token is forbidden.
   v, t = 3, 12
   params, carry = toy_model(v, batch_size=16, seed=31, sharpness=4.0)
   bad = rules.get("bad", ())
@@ -184,16 +183,13 @@ def test_min_length_makes_an_end_favouring_model_say_words(options):
   mask = mask_of((), v)
   run = jax.jit(lambda c, r, o: decode.decode(end_favouring_step(params), c, t, o, r, mask),
                 static_argnums=2)
-  for m in (0, 1, 3):  # 1 is the default
+  # 1 is the default; 3 for the greedy search (min_length 0: test_decode).
+  for m in (1, 3) if options.beam_size == 1 and not options.sample else (1,):
     o = options if m == 1 else options.replace(min_length=m)
     tokens, scores = run(carry, key(7), o)
     assert tokens.shape == (3, options.num_captions, t)
-    tokens = np.asarray(tokens)
-    lengths = {len(words_of(s)) for s in tokens.reshape(-1, t)}
-    # END as soon as it is allowed: m words (with m = 0, the beams after
-    # the best, empty, caption hold one word).
-    assert {len(words_of(s)) for s in tokens[:, 0]} == {m}
-    assert lengths == {m} if m else lengths <= {0, 1}, (m, lengths)
+    lengths = {len(words_of(s)) for s in np.asarray(tokens).reshape(-1, t)}
+    assert lengths == {m}, (m, lengths)  # END as soon as it is allowed
     assert np.all(np.asarray(scores) > NEG_INF / 2)
 
 
@@ -244,7 +240,7 @@ def reference_diverse_beam_search(params, carry, k, g, lam, t, alpha):
 
 
 @pytest.mark.parametrize("k,g,lam,alpha,seed", [
-    (4, 2, 0.5, 0.0, 35), (6, 3, 2.0, 0.7, 36), (4, 2, 0.0, 0.0, 37), (3, 3, 1.0, 0.0, 38)])
+    (4, 2, 0.5, 0.0, 35), (6, 3, 2.0, 0.7, 36), (3, 3, 1.0, 0.0, 38)])
 def test_diverse_beam_search_equals_reference(k, g, lam, alpha, seed):
   v, t = 5, 6
   params, carry = toy_model(v, batch_size=6, seed=seed, end_bias=1.0, sharpness=1.5)
@@ -277,8 +273,6 @@ def test_strong_diversity_gives_distinct_first_words():
       ("num_groups", k), ("diversity_lambda", 100.0), ("min_length", 1)))
   first = np.asarray(tokens)[:, :, 0]
   assert all(len(set(row)) == k for row in first)
-  plain, _ = toy_beam(params, carry, k, t, constraints=(("min_length", 1),))
-  assert any(len(set(row)) < k for row in np.asarray(plain)[:, :, 0])
 
 
 # ---------------------------------------------------------------- sampling
@@ -361,8 +355,7 @@ def test_ensemble_step_averages_log_probabilities():
 
 
 @pytest.mark.parametrize("options", [
-    decode.DecodeOptions(beam_size=1), decode.DecodeOptions(beam_size=3, length_penalty=0.5),
-    decode.DecodeOptions(beam_size=4, num_groups=2, block_trigrams=True),
+    decode.DecodeOptions(beam_size=3, block_trigrams=True, length_penalty=0.5),
     decode.DecodeOptions(sample=True, num_samples=3, top_k=4)])
 def test_ensemble_of_one_equals_the_model(options):
   v, t = 5, 7
@@ -426,4 +419,5 @@ def test_decode_options():
   assert (o.beam_size, o.length_penalty, o.bad_endings, o.block_trigrams, o.min_length) == (
       3, 0.5, ("a", "with"), True, 1)
   assert decode.DecodeOptions.from_config(ml_collections.ConfigDict({})) == decode.DecodeOptions()
+  assert decode.DecodeOptions.from_config(config, bad_endings="none").bad_endings == ()
   assert "groups" in decode.DecodeOptions(beam_size=4, num_groups=2).describe()
