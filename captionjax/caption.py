@@ -160,7 +160,7 @@ def _check_args(args) -> None:
       raise UsageError(f"--{flag}={value}: cannot create folder {folder} ({e.strerror})") from None
   if args.video_output and args.video is None:
     raise UsageError("--video_output needs --video")
-  for flag in ("temperature", "length_penalty", "every_seconds"):
+  for flag in ("temperature", "length_penalty", "every_seconds", "top_p", "diversity_lambda"):
     value = getattr(args, flag)
     if value is not None and not math.isfinite(value):
       raise UsageError(f"--{flag}={value}: must be a finite number")
@@ -169,8 +169,15 @@ def _check_args(args) -> None:
     unused += ["--num_images"] if args.num_images != -1 else []
     if unused:
       raise UsageError(f"{', '.join(unused)}: only with --images")
-  if not args.sample and args.temperature != 1.0:
-    raise UsageError(f"--temperature={args.temperature}: only with --sample")
+  unused = [f"--{f}={getattr(args, f)}" for f, default in (
+      ("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("num_samples", 1))
+             if getattr(args, f) != default]
+  if not args.sample and unused:
+    raise UsageError(f"{', '.join(unused)}: only with --sample")
+  if args.sample and args.num_groups != 1:
+    raise UsageError(f"--num_groups={args.num_groups}: only with beam search (drop --sample)")
+  if args.num_groups == 1 and args.diversity_lambda != 0.5:
+    raise UsageError(f"--diversity_lambda={args.diversity_lambda}: only with --num_groups > 1")
 
 
 def decode_options(args, config):

@@ -421,3 +421,15 @@ def test_decode_options():
   assert decode.DecodeOptions.from_config(ml_collections.ConfigDict({})) == decode.DecodeOptions()
   assert decode.DecodeOptions.from_config(config, bad_endings="none").bad_endings == ()
   assert "groups" in decode.DecodeOptions(beam_size=4, num_groups=2).describe()
+
+
+@pytest.mark.parametrize("override,field", [
+    ("num_groups=3", "num_groups=3"), ("top_p=0.0", "top_p=0.0"), ("temperature=0.0", "temperature"),
+    ("min_length=-1", "min_length"), ("top_k=True", "top_k"), ("diversity_lambda=nan", "diversity")])
+def test_config_decoding_fields_are_checked(override, field):
+  from captionjax import configs  # pylint: disable=g-import-not-at-top
+  with pytest.raises(configs.ConfigError, match=field):
+    configs.load_config("default", [override])
+  c = configs.load_config("default", ["bad_endings=none", "num_groups=2", "block_trigrams=True"])
+  assert decode.DecodeOptions.from_config(c) == decode.DecodeOptions(
+      bad_endings=(), num_groups=2, block_trigrams=True)
