@@ -1,11 +1,22 @@
 """`captionjax caption`: caption images, a video or a camera with a trained checkpoint.
 
     captionjax caption --checkpoint=WORKDIR --images=FILE_OR_FOLDER --output=FILE.json \\
-        [--html=DIR] [--beam_size=2] [--n_best=1] [--sample --temperature=T] \\
-        [--batch_size=16] [--num_images=-1] [--vis_json=FILE]
+        [--html=DIR] [--beam_size=2] [--n_best=1] [--batch_size=16] [--num_images=-1] \\
+        [--vis_json=FILE] [decoding flags]
     captionjax caption --checkpoint=WORKDIR --video=FILE [--every_seconds=1] \\
         --output=TIMELINE.json [--video_output=CAPTIONED.mp4]
     captionjax caption --checkpoint=WORKDIR --camera=0 [--every_seconds=1]
+
+Decoding: beam search (--beam_size, 1 = greedy; --num_groups G > 1 with
+--diversity_lambda: diverse beam search, G groups of beam_size/G beams), or
+--sample with --temperature, --top_k, --top_p and --num_samples draws per
+image (listed best first). Every decoder takes --min_length (default 1: never
+an empty caption), --block_trigrams and --bad_endings (END forbidden after
+these words; default: the checkpoint's training config, else a list of
+function words; --bad_endings=none turns it off). --checkpoint given several
+times decodes with the ensemble of the checkpoints (their per-step
+log-probabilities averaged; one vocabulary); a checkpoint is a workdir (its
+latest step, or --step) or one step's folder WORKDIR/checkpoints/STEP.
 
 --output is a JSON list of {"image_id", "file_name", "caption", "logprob"}
 (plus "n_best": [{"caption", "logprob"}, ...] with --n_best > 1); without
@@ -38,9 +49,11 @@ class UsageError(ValueError):
 
 def add_arguments(p):
   p.epilog = __doc__.split("\n", 1)[1]  # the usage lines, output format and exit statuses
-  p.add_argument("--checkpoint", required=True,
-                 help="a `captionjax train` workdir (its latest checkpoint is used)")
-  p.add_argument("--step", type=int, default=None, help="a checkpoint step instead of the latest")
+  p.add_argument("--checkpoint", required=True, action="append",
+                 help="a `captionjax train` workdir (its latest checkpoint) or WORKDIR/checkpoints/"
+                      "STEP; repeat it for an ensemble")
+  p.add_argument("--step", type=int, default=None,
+                 help="a checkpoint step instead of the latest (for each workdir given)")
   src = p.add_mutually_exclusive_group()
   src.add_argument("--images", help="an image file or a folder of images")
   src.add_argument("--video", help="a video file: caption a frame every --every_seconds")
@@ -55,12 +68,29 @@ def add_arguments(p):
   p.add_argument("--beam_size", type=int, default=2, help="beam size (1 = greedy)")
   p.add_argument("--n_best", type=int, default=1,
                  help="captions kept per image, best first (at most --beam_size)")
-  p.add_argument("--sample", action="store_true",
-                 help="sample a caption from the model instead of the beam search")
-  p.add_argument("--temperature", type=float, default=1.0,
-                 help="with --sample: lower is safer, higher more varied")
+  p.add_argument("--num_groups", type=int, default=1,
+                 help="diverse beam search: groups of beam_size/num_groups beams (1 = plain)")
+  p.add_argument("--diversity_lambda", type=float, default=0.5,
+                 help="diverse beam search: penalty for a token an earlier group chose")
   p.add_argument("--length_penalty", type=float, default=None,
                  help="beam search length normalization exponent (default: the training config's)")
+  p.add_argument("--sample", action="store_true",
+                 help="sample captions from the model instead of the beam search")
+  p.add_argument("--temperature", type=float, default=1.0,
+                 help="with --sample: lower is safer, higher more varied")
+  p.add_argument("--top_k", type=int, default=0,
+                 help="with --sample: only the k likeliest words (0 = all)")
+  p.add_argument("--top_p", type=float, default=1.0,
+                 help="with --sample: only the likeliest words holding this probability (nucleus)")
+  p.add_argument("--num_samples", type=int, default=1,
+                 help="with --sample: captions drawn per image (--n_best shows them, best first)")
+  p.add_argument("--min_length", type=int, default=1,
+                 help="no END before this many words (0 allows an empty caption)")
+  p.add_argument("--block_trigrams", action="store_true",
+                 help="forbid a word that would repeat a trigram of the caption")
+  p.add_argument("--bad_endings", default=None, metavar="WORDS",
+                 help="comma-separated words a caption may not end on; 'none' for no such rule "
+                      "(default: the training config's, else a list of function words)")
   p.add_argument("--seed", type=int, default=0, help="seed of --sample")
   p.add_argument("--batch_size", type=int, default=16, help="images per jitted batch")
   p.add_argument("--num_images", type=int, default=-1, help="caption at most N images (-1 = all)")
@@ -108,12 +138,11 @@ def _check_args(args) -> None:
     raise UsageError(f"--batch_size={args.batch_size}: must be >= 1")
   if args.beam_size < 1:
     raise UsageError(f"--beam_size={args.beam_size}: must be >= 1")
-  if args.sample:
-    if args.temperature <= 0:
-      raise UsageError(f"--temperature={args.temperature}: must be > 0")
-    if args.n_best != 1:
-      raise UsageError("--n_best > 1 needs beam search (drop --sample)")
-  elif not 1 <= args.n_best <= args.beam_size:
+  decode_options(args, {})  # the decoding flags' errors, before loading a model
+  if args.sample and not 1 <= args.n_best <= args.num_samples:
+    raise UsageError(f"--n_best={args.n_best}: must be between 1 and "
+                     f"--num_samples={args.num_samples} (with --sample)")
+  if not args.sample and not 1 <= args.n_best <= args.beam_size:
     raise UsageError(f"--n_best={args.n_best}: must be between 1 and --beam_size={args.beam_size}")
   if args.every_seconds <= 0:
     raise UsageError(f"--every_seconds={args.every_seconds}: must be > 0")
@@ -131,7 +160,7 @@ def _check_args(args) -> None:
       raise UsageError(f"--{flag}={value}: cannot create folder {folder} ({e.strerror})") from None
   if args.video_output and args.video is None:
     raise UsageError("--video_output needs --video")
-  for flag in ("temperature", "length_penalty", "every_seconds"):
+  for flag in ("temperature", "length_penalty", "every_seconds", "top_p", "diversity_lambda"):
     value = getattr(args, flag)
     if value is not None and not math.isfinite(value):
       raise UsageError(f"--{flag}={value}: must be a finite number")
@@ -140,19 +169,44 @@ def _check_args(args) -> None:
     unused += ["--num_images"] if args.num_images != -1 else []
     if unused:
       raise UsageError(f"{', '.join(unused)}: only with --images")
-  if not args.sample and args.temperature != 1.0:
-    raise UsageError(f"--temperature={args.temperature}: only with --sample")
+  unused = [f"--{f}={getattr(args, f)}" for f, default in (
+      ("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("num_samples", 1))
+             if getattr(args, f) != default]
+  if not args.sample and unused:
+    raise UsageError(f"{', '.join(unused)}: only with --sample")
+  if args.sample and args.num_groups != 1:
+    raise UsageError(f"--num_groups={args.num_groups}: only with beam search (drop --sample)")
+  if args.num_groups == 1 and args.diversity_lambda != 0.5:
+    raise UsageError(f"--diversity_lambda={args.diversity_lambda}: only with --num_groups > 1")
 
 
-def _captioner(args, model, batch_size):
-  from captionjax import inference  # pylint: disable=g-import-not-at-top
+def decode_options(args, config):
+  """The decode.DecodeOptions of the flags; length_penalty and bad_endings
+  default to the training config's (a dict-like; {} before loading)."""
+  from captionjax import decode  # pylint: disable=g-import-not-at-top
   lp = args.length_penalty
   if lp is None:
-    lp = float(model.config.get("length_penalty", 0.0))
-  return inference.BatchCaptioner(
-      model, batch_size=batch_size, beam_size=1 if args.sample else args.beam_size,
-      n_best=args.n_best, temperature=args.temperature if args.sample else 0.0,
-      length_penalty=lp, seed=args.seed)
+    lp = float(config.get("length_penalty", 0.0))
+  bad = args.bad_endings
+  if bad is None:
+    bad = config.get("bad_endings", ",".join(decode.BAD_ENDINGS))
+  try:
+    return decode.DecodeOptions(
+        beam_size=1 if args.sample else args.beam_size, length_penalty=lp,
+        min_length=args.min_length, block_trigrams=args.block_trigrams,
+        bad_endings=decode.parse_words(bad), num_groups=args.num_groups,
+        diversity_lambda=args.diversity_lambda, sample=args.sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        num_samples=args.num_samples)
+  except ValueError as e:
+    raise UsageError(f"--{e}") from None
+
+
+def _captioner(args, models, batch_size):
+  from captionjax import inference  # pylint: disable=g-import-not-at-top
+  return inference.BatchCaptioner(models, batch_size=batch_size, n_best=args.n_best,
+                                  seed=args.seed,
+                                  options=decode_options(args, models[0].config))
 
 
 def _record(image_id, file_name, captions, n_best: int) -> dict:
@@ -211,12 +265,30 @@ def run(args) -> int:
     return EXIT_USAGE
 
 
-def _load_model(args):
+def checkpoint_step(path: str, step=None):
+  """(workdir, step): WORKDIR/checkpoints/STEP names one step; a workdir takes `step`."""
+  norm = os.path.normpath(path)
+  parent, name = os.path.split(norm)
+  if name.isdigit() and os.path.basename(parent) == "checkpoints":
+    return os.path.dirname(parent) or ".", int(name)
+  return path, step
+
+
+def _load_models(args):
+  """The models of the --checkpoint flags (several: an ensemble, checked)."""
   from captionjax import inference  # pylint: disable=g-import-not-at-top
   try:
-    return inference.load_workdir(args.checkpoint, args.step)
+    models = [inference.load_workdir(*checkpoint_step(c, args.step)) for c in args.checkpoint]
+    inference.check_ensemble(models)
   except inference.CheckpointError as e:
     raise UsageError(str(e)) from None
+  return models
+
+
+def _describe(models, captioner) -> str:
+  """"WORKDIR step N" of each model, and the decoding."""
+  names = " + ".join(f"{m.workdir} step {m.step}" for m in models)
+  return (f"{'ensemble ' if len(models) > 1 else ''}{names}, {captioner.options.describe()}")
 
 
 def run_images(args) -> int:
@@ -244,13 +316,13 @@ def run_images(args) -> int:
   names = [os.path.relpath(p, args.images).replace(os.sep, "/") if folder
            else os.path.basename(p) for p in paths]
 
-  model = _load_model(args)
-  captioner = _captioner(args, model, min(args.batch_size, len(paths)))
+  models = _load_models(args)
+  model = models[0]
+  captioner = _captioner(args, models, min(args.batch_size, len(paths)))
   t0 = time.time()
   captioner.compile()
   t_compile = time.time() - t0
-  _say(f"model: {args.checkpoint} step {model.step}, {model.input_size} px input, "
-       f"{'sampling' if args.sample else f'beam {captioner.beam_size}'}, "
+  _say(f"model: {_describe(models, captioner)}, {model.input_size} px input, "
        f"batch {captioner.batch_size}; compiled in {t_compile:.1f}s")
 
   keep_images = bool(args.html or args.vis_json)
@@ -292,9 +364,8 @@ def run_images(args) -> int:
     if args.vis_json:
       write_vis(args.vis_json, records, thumbs)
     if args.html:
-      summary = (f"{len(records)} of {len(paths)} images captioned by {args.checkpoint} "
-                 f"(step {model.step}), "
-                 f"{'sampled' if args.sample else f'beam size {captioner.beam_size}'}")
+      summary = (f"{len(records)} of {len(paths)} images captioned by "
+                 f"{_describe(models, captioner)}")
       page = gallery.write_gallery(args.html, records, failures, thumbs,
                                    title="captionjax captions", summary=summary)
       _say(f"gallery: {page}")
@@ -419,8 +490,9 @@ def write_captioned_video(src: str, dst: str, timeline: dict) -> None:
 
 
 def run_video(args) -> int:
-  model = _load_model(args)
-  captioner = _captioner(args, model, args.batch_size)
+  models = _load_models(args)
+  model = models[0]
+  captioner = _captioner(args, models, args.batch_size)
   t0 = time.time()
   timeline = caption_video(
       model, captioner, args.video, args.every_seconds, args.n_best,
@@ -448,8 +520,9 @@ def camera_device(index: int) -> str:
 
 def run_camera(args) -> int:
   dev = camera_device(args.camera)
-  model = _load_model(args)
-  captioner = _captioner(args, model, 1)
+  models = _load_models(args)
+  model = models[0]
+  captioner = _captioner(args, models, 1)
   _say(f"captioning {dev} every {args.every_seconds}s; Ctrl-C stops")
   frames = []
 

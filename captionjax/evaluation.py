@@ -6,7 +6,8 @@
   score_captions    the coco-caption metrics of captions (+ hallucination_free on shapes)
   human_ceiling     one reference scored against the others: what a person gets
   Validator         the validation loss, greedy captions and scores of a train state
-  final_test        beam-search captions and scores of the test split(s), written to files
+  final_test        the test split(s)' captions (decode.DecodeOptions of the config) and
+                    scores, written to files
 
 Every batch is padded to one shape (input_pipeline.eval_batches: `_mask` 0 on
 padding), so one compiled program serves a whole split and no image is dropped.
@@ -14,6 +15,7 @@ padding), so one compiled program serves a whole split and no image is dropped.
 Dimensions: N images in a split, D CNN feature size, K beams.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,6 +24,7 @@ import time
 import jax
 import numpy as np
 
+from captionjax import decode
 from captionjax import files
 from captionjax import input_pipeline
 from captionjax import records
@@ -48,15 +51,22 @@ def compute_features(cnn, params, batch_stats, splits: dict, batch_size: int,
 
 
 def caption_split(generate_fn, params, batch_stats, data, vocab, batch_size, mesh_put,
-                  features=None, limit=None, crop_size: int = 0):
+                  features=None, limit=None, crop_size: int = 0, rng=None, bad_endings=None):
   """Captions every image of a split: list of {image_id, file_name, caption, logprob}.
 
   Images are center-cropped to `crop_size` (0: as stored), as the model saw them.
+  generate_fn: steps.make_generate's, jitted; the first of its captions of
+  each image is kept. `rng` (sampling: folded with the batch number) and
+  `bad_endings` (the bool [V+1] mask) go to it when given.
   """
   out = []
-  for batch in input_pipeline.eval_batches(data, batch_size, 1, crop_size, limit=limit):
+  kw = {} if bad_endings is None else {"bad_endings": bad_endings}
+  batches = input_pipeline.eval_batches(data, batch_size, 1, crop_size, limit=limit)
+  for n, batch in enumerate(batches):
     x = features[batch["row"]] if features is not None else batch["image"]
-    tokens, scores = generate_fn(params, batch_stats, mesh_put(x))
+    if rng is not None:
+      kw["rng"] = jax.random.fold_in(rng, n)
+    tokens, scores = generate_fn(params, batch_stats, mesh_put(x), **kw)
     tokens, scores = np.asarray(tokens), np.asarray(scores)  # host sync
     for i in np.nonzero(batch["_mask"])[0]:
       row = int(batch["row"][i])
@@ -114,7 +124,8 @@ class Validator:
     self.data, self.refs, self.vocab, self.config = data, refs, vocab, config
     self.mesh_put, self.features = mesh_put, features
     self.eval_step = jax.jit(steps.make_eval_step(cnn, lm, mode))
-    self.greedy = jax.jit(steps.make_generate(cnn, lm, mode, 1, max_length + 1))
+    self.greedy = jax.jit(steps.make_generate(
+        cnn, lm, mode, decode.DecodeOptions(beam_size=1, bad_endings=()), max_length + 1))
 
   def loss(self, state) -> float:
     """Mean per-token cross-entropy of the split's reference captions."""
@@ -157,14 +168,17 @@ class Validator:
 
 def final_test(cnn, lm, params, batch_stats, config, data_dir, info, vocab, mesh_put,
                workdir, t_start, say=print) -> dict:
-  """Captions the test split(s) with beam search; writes captions.json and scores.json.
+  """Captions the test split(s) as the config's decoding fields say (beam
+  search by default); writes captions.json and scores.json.
 
   The splits are `config.test_split` and those of `config.extra_test_splits`
   the data set has. Returns what scores.json holds: the test split's scores
-  and {"splits": {split: scores}, "beam_size", "train_seconds"}.
+  and {"splits": {split: scores}, "beam_size", "decoding", "train_seconds"}.
   """
-  gen = jax.jit(steps.make_generate(cnn, lm, "frozen", config.beam_size, info["max_length"] + 1,
-                                    config.length_penalty))
+  options = decode.DecodeOptions.from_config(config)
+  gen = jax.jit(steps.make_generate(cnn, lm, "frozen", options, info["max_length"] + 1))
+  kw = {"bad_endings": decode.bad_ending_mask(options.bad_endings, vocab.word_to_ix, len(vocab)),
+        "rng": jax.random.PRNGKey(config.seed) if options.sample else None}
   results = {}
   splits = [config.test_split] + [s for s in config.extra_test_splits if s in info["splits"]]
   for split in splits:
@@ -174,7 +188,7 @@ def final_test(cnn, lm, params, batch_stats, config, data_dir, info, vocab, mesh
     data = input_pipeline.load_config_split(config, data_dir, split)
     t0 = time.time()
     caps = caption_split(gen, params, batch_stats, data, vocab, config.eval_batch_size, mesh_put,
-                         crop_size=config.crop_size)
+                         crop_size=config.crop_size, **kw)
     dt = time.time() - t0
     refs = references(data_dir, split)
     scores = score_captions(caps, refs, data, meteor=True)
@@ -184,6 +198,7 @@ def final_test(cnn, lm, params, batch_stats, config, data_dir, info, vocab, mesh
       scores["human_ceiling"] = human_ceiling(refs, [c["image_id"] for c in caps])
     results[split] = scores
   results["beam_size"] = config.beam_size
+  results["decoding"] = dataclasses.asdict(options)
   results["train_seconds"] = round(time.time() - t_start, 1)
   out = {**results.get(config.test_split, {}), "splits": results}
   files.write_json(os.path.join(workdir, "scores.json"), out, indent=1)

@@ -2,6 +2,7 @@
 
     model = inference.load_workdir("runs/default")  # the latest checkpoint
     captioner = inference.BatchCaptioner(model, batch_size=16, beam_size=2)
+    # or: options=decode.DecodeOptions(...), a list of models for an ensemble
     for item in inference.caption_files(captioner, paths):
       print(item.path, item.captions[0] if item.ok else item.error)
 
@@ -214,59 +215,104 @@ def random_model(config, vocab: vocab_lib.Vocabulary, image_size: int, max_lengt
 # ---------------------------------------------------------------- captioning
 
 
+def check_ensemble(models: Sequence[Model]) -> None:
+  """Raises CheckpointError unless the models can decode together: one
+  vocabulary, one image geometry."""
+  first = models[0]
+  for m in models[1:]:
+    if m.vocab.words != first.vocab.words:
+      raise CheckpointError(
+          f"--checkpoint={m.workdir}: its vocabulary ({len(m.vocab)} words) differs from "
+          f"that of {first.workdir} ({len(first.vocab)} words); an ensemble needs one vocabulary")
+    if (m.image_size, m.input_size) != (first.image_size, first.input_size):
+      raise CheckpointError(
+          f"--checkpoint={m.workdir}: images of {m.image_size} px cropped to {m.input_size}, "
+          f"{first.workdir} {first.image_size} px cropped to {first.input_size}; an ensemble "
+          "needs one image size")
+
+
 class BatchCaptioner:
   """Captions uint8 image batches with one jitted program of fixed shape.
 
   Call it with up to `batch_size` images [n, S, S, 3]; it pads to
   `batch_size`, so every call runs the same compiled program. Returns, per
-  image, the `n_best` (caption, logprob) pairs, best first.
+  image, the `n_best` (caption, logprob) pairs, best first (samples too).
+
+  `model` is a Model, or a list of Models for an ensemble (their per-step
+  log-probabilities averaged; `check_ensemble`). `options` (a
+  decode.DecodeOptions) says how to decode; without it, `beam_size`,
+  `length_penalty` and `temperature` (> 0: sample) make them, with the
+  defaults of the rest. `attention`: `run` also returns where each word
+  looked (one model with attention only).
   """
 
-  def __init__(self, model: Model, batch_size: int = 16, beam_size: int = 2, n_best: int = 1,
+  def __init__(self, model, batch_size: int = 16, beam_size: int = 2, n_best: int = 1,
                temperature: float = 0.0, length_penalty: float = 0.0, seed: int = 0,
-               attention: bool = False):
+               options=None, attention: bool = False):
+    from captionjax import decode  # pylint: disable=g-import-not-at-top
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if beam_size < 1:
-      raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if temperature > 0:
-      beam_size = 1
-      if n_best != 1:
-        raise ValueError("n_best > 1 needs beam search, not sampling")
-    if not 1 <= n_best <= beam_size:
-      raise ValueError(f"n_best={n_best} must be between 1 and the beam size {beam_size}")
-    self.model = model
-    self.batch_size, self.beam_size, self.n_best = batch_size, beam_size, n_best
-    self.temperature = temperature
+    if options is None:
+      options = decode.DecodeOptions(
+          beam_size=1 if temperature > 0 else beam_size, length_penalty=length_penalty,
+          sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0)
+    if not 1 <= n_best <= options.num_captions:
+      raise ValueError(f"n_best={n_best} must be between 1 and the "
+                       f"{'samples' if options.sample else 'beam size'} {options.num_captions}")
+    self.models = list(model) if isinstance(model, (list, tuple)) else [model]
+    check_ensemble(self.models)
+    self.model = self.models[0]
+    self.options = options
+    self.batch_size, self.beam_size, self.n_best = batch_size, options.beam_size, n_best
+    self.temperature = options.temperature if options.sample else 0.0
     self._rng = jax.random.PRNGKey(seed)
     self._calls = 0
-    from captionjax import steps  # pylint: disable=g-import-not-at-top
-    fn = steps.make_generate(model.cnn, model.lm, "frozen", beam_size, model.max_length + 1,
-                             length_penalty, temperature=temperature)
-    att = attention_fn(model) if attention else None
-    self.attention = att is not None  # run() also returns where each word looked
-    if att is not None:
-      generate = fn
+    vocab = self.model.vocab
+    self._bad_endings = jnp.asarray(
+        decode.bad_ending_mask(options.bad_endings, vocab.word_to_ix, len(vocab)))
+    self._fn, params, batch_stats = self._program(attention)
+    self._params = jax.device_put(params)
+    self._batch_stats = jax.device_put(batch_stats)
 
-      def fn(params, batch_stats, images, rng):  # pylint: disable=function-redefined
-        tokens, scores = generate(params, batch_stats, images, rng)
-        return tokens, scores, att(params, batch_stats, images, tokens)
-    self._fn = jax.jit(fn)
-    self._params = jax.device_put(model.params)
-    self._batch_stats = jax.device_put(model.batch_stats)
+  def _program(self, attention: bool):
+    """(jitted fn, params, batch_stats): images -> tokens, scores[, attention weights]."""
+    from captionjax import steps  # pylint: disable=g-import-not-at-top
+    max_length = max(m.max_length for m in self.models) + 1
+    if len(self.models) > 1:
+      self.attention = False
+      fn = steps.make_ensemble_generate([(m.cnn, m.lm) for m in self.models], self.options,
+                                        max_length)
+      return (jax.jit(fn), tuple(m.params for m in self.models),
+              tuple(m.batch_stats for m in self.models))
+    m = self.model
+    generate = steps.make_generate(m.cnn, m.lm, "frozen", self.options, max_length)
+    att = attention_fn(m) if attention else None
+    self.attention = att is not None  # run() also returns where each word looked
+
+    def fn(params, batch_stats, images, rng, bad_endings):
+      tokens, scores = generate(params, batch_stats, images, rng, bad_endings)
+      if att is None:
+        return tokens, scores
+      return tokens, scores, att(params, batch_stats, images, tokens)
+
+    return jax.jit(fn), m.params, m.batch_stats
+
+  def _run(self, images, rng):
+    return self._fn(self._params, self._batch_stats, images, rng, self._bad_endings)
 
   def compile(self) -> None:
     """Compiles now (else the first call does); the sampling seed stream is untouched."""
     s = self.model.input_size
     images = np.zeros((self.batch_size, s, s, 3), np.uint8)
-    jax.block_until_ready(self._fn(self._params, self._batch_stats, images, self._rng))
+    jax.block_until_ready(self._run(images, self._rng))
 
   def raw(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """uint8 [n, S, S, 3], n <= B -> (tokens [n, K, T], scores [n, K]) as numpy."""
+    """uint8 [n, S, S, 3], n <= B -> (tokens [n, C, T], scores [n, C]) as numpy
+    (C: the beam, or the samples in draw order)."""
     return self.run(images)[:2]
 
   def run(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """As `raw`, plus the attention weights [n, K, T, P] (None unless `attention`).
+    """As `raw`, plus the attention weights [n, C, T, P] (None unless `attention`).
 
     weights[i, k, t] is where the LM looked (over the P grid cells) at the
     step that chose token t of caption k of image i.
@@ -279,7 +325,7 @@ class BatchCaptioner:
       images = np.concatenate([images, pad])
     rng = jax.random.fold_in(self._rng, self._calls)
     self._calls += 1
-    out = jax.device_get(self._fn(self._params, self._batch_stats, images, rng))  # host sync
+    out = jax.device_get(self._run(images, rng))  # host sync
     tokens, scores = np.asarray(out[0])[:n], np.asarray(out[1])[:n]
     return tokens, scores, (np.asarray(out[2])[:n] if self.attention else None)
 
@@ -288,8 +334,9 @@ class BatchCaptioner:
     tokens, scores = self.raw(images)
     out = []
     for tok, sc in zip(tokens, scores):
+      order = np.argsort(-sc, kind="stable") if self.options.sample else range(len(sc))
       best = [(self.model.vocab.decode(tok[k]), float(sc[k]))
-              for k in range(self.n_best) if sc[k] > decode.NEG_INF / 2]
+              for k in list(order)[:self.n_best] if sc[k] > decode.NEG_INF / 2]
       out.append(best)
     return out
 

@@ -6,8 +6,9 @@ function for `jax.jit`; nothing that changes between calls is closed over:
   make_pretrain_step  (state, batch, rng) -> (state, metrics)  CNN object recognition
   make_caption_step   (state, batch, rng) -> (state, metrics)  the captioner's train_step
   make_eval_step      (params, batch_stats, batch) -> metrics  validation loss
-  make_generate       (params, batch_stats, x[, rng]) -> (tokens, scores)
-                      greedy, sampling or beam_search (captionjax/decode.py)
+  make_generate       (params, batch_stats, x[, rng, bad_endings]) -> (tokens, scores)
+                      greedy, sampling or (diverse) beam search (captionjax/decode.py)
+  make_ensemble_generate  the same for several models, log-probabilities averaged
 
 The train state is a dict: {"step", "params", "batch_stats", "opt_state"}.
 Metrics are sums plus a count (`loss_sum`, `count`); the host divides.
@@ -135,27 +136,42 @@ def make_eval_step(cnn, lm, mode: str):
   return step
 
 
-def make_generate(cnn, lm, mode: str, beam_size: int, max_length: int, length_penalty=0.0,
-                  temperature: float = 0.0):
-  """(params, batch_stats, images or features[, rng]) -> (tokens [B, K, T], scores [B, K]).
+def _decoder_start(cnn, lm, mode, params, batch_stats, x):
+  """(carry, step_fn) of one captioner on images or features x: the image step."""
+  feats = x if mode == "features" else cnn.apply(
+      cnn_variables(params["cnn"], batch_stats), images_to_input(x), train=False)
+  v = {"params": {k: params[k] for k in LM_KEYS}}
+  emb = lm.apply(v, feats, method=Captioner.encode)  # -> [B, E]
+  carry = lm.apply(v, emb, method=Captioner.decode_start)
+  step_fn = lambda c, t: lm.apply(v, c, t, method=Captioner.decode_step)
+  return carry, step_fn
 
-  temperature > 0 samples one caption (K = 1) from softmax(logits / temperature)
-  with `rng` instead of the greedy/beam search.
+
+def make_generate(cnn, lm, mode: str, options: decode.DecodeOptions, max_length: int):
+  """(params, batch_stats, images or features[, rng, bad_endings]) -> (tokens [B, C, T], scores [B, C]).
+
+  Decodes as `options` say (decode.decode; C = options.num_captions): `rng`
+  to sample, `bad_endings` the bool [V+1] mask of options.bad_endings.
   """
 
-  def generate(params, batch_stats, x, rng=None):
-    feats = x if mode == "features" else cnn.apply(
-        cnn_variables(params["cnn"], batch_stats), images_to_input(x), train=False)
-    v = {"params": {k: params[k] for k in LM_KEYS}}
-    emb = lm.apply(v, feats, method=Captioner.encode)  # -> [B, E]
-    carry = lm.apply(v, emb, method=Captioner.decode_start)
-    step_fn = lambda c, t: lm.apply(v, c, t, method=Captioner.decode_step)
-    if temperature > 0:
-      tokens, logprobs = decode.sample(step_fn, carry, rng, max_length, temperature)
-      return tokens[:, None], logprobs[:, None]
-    if beam_size == 1:
-      tokens, logprobs = decode.greedy(step_fn, carry, max_length)
-      return tokens[:, None], logprobs[:, None]
-    return decode.beam_search(step_fn, carry, beam_size, max_length, length_penalty)
+  def generate(params, batch_stats, x, rng=None, bad_endings=None):
+    carry, step_fn = _decoder_start(cnn, lm, mode, params, batch_stats, x)
+    return decode.decode(step_fn, carry, max_length, options, rng, bad_endings)
+
+  return generate
+
+
+def make_ensemble_generate(members, options: decode.DecodeOptions, max_length: int):
+  """As make_generate for an ensemble: members [(cnn, lm)] sharing a vocabulary,
+  params and batch_stats tuples of theirs, images in. Each step averages the
+  members' log-probabilities (decode.ensemble_step): one step function, one
+  jitted program."""
+
+  def generate(params, batch_stats, images, rng=None, bad_endings=None):
+    starts = [_decoder_start(cnn, lm, "frozen", p, bs, images)
+              for (cnn, lm), p, bs in zip(members, params, batch_stats)]
+    step_fn = decode.ensemble_step([fn for _, fn in starts])
+    carry = tuple(c for c, _ in starts)
+    return decode.decode(step_fn, carry, max_length, options, rng, bad_endings)
 
   return generate

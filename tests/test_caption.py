@@ -229,10 +229,89 @@ def test_sample(tmp_path, photo_dir, workdir, model):
   assert len({c for c, _ in draws}) > 1  # temperature 5 over random weights: samples vary
 
 
+def test_decoding_flags(tmp_path, photo_dir, workdir, model):
+  """Diverse beam search with the constraints, and several samples per image."""
+  image = inference.image_loader(model)(os.path.join(photo_dir, "a_upright.png"))[0]
+  bad = {"a", "the", "on"}
+  runs = {
+      "beam": ["--beam_size=4", "--num_groups=2", "--diversity_lambda=2", "--n_best=4",
+               "--block_trigrams", "--min_length=2", "--bad_endings=a,the,on"],
+      "sample": ["--sample", "--num_samples=3", "--n_best=3", "--top_p=0.9", "--top_k=6",
+                 "--temperature=2", "--bad_endings=a,the,on"],
+  }
+  for name, flags in runs.items():
+    out = tmp_path / f"{name}.json"
+    assert cli.main(["caption", f"--checkpoint={workdir}", f"--images={photo_dir}/a_upright.png",
+                     f"--output={out}", "--no_progress"] + flags) == 0
+    (r,) = json.loads(out.read_text())
+    assert len(r["n_best"]) == (4 if name == "beam" else 3)
+    lps = [x["logprob"] for x in r["n_best"]]
+    assert lps == sorted(lps, reverse=True)
+    for alt in r["n_best"]:
+      words = alt["caption"].split()
+      assert len(words) >= (2 if name == "beam" else 1)
+      assert len(words) == MAX_LENGTH + 1 or words[-1] not in bad  # T = MAX_LENGTH + 1
+      if name == "beam":
+        trigrams = [tuple(words[j:j + 3]) for j in range(len(words) - 2)]
+        assert len(set(trigrams)) == len(trigrams)
+      # Logprobs are the model's own (unmasked, temperature 1).
+      assert _teacher_forced_logprob(model, image, alt["caption"]) == pytest.approx(
+          alt["logprob"], abs=1e-3)
+
+
+def test_ensemble(tmp_path, photo_dir, workdir, model, capsys):
+  """--checkpoint twice: the same model twice decodes as the model; vocabularies must match."""
+  one, two = tmp_path / "one.json", tmp_path / "two.json"
+  base = ["caption", f"--images={photo_dir}", "--beam_size=3", "--n_best=3", "--batch_size=4",
+          "--no_progress"]
+  assert cli.main(base + [f"--checkpoint={workdir}", f"--output={one}"]) == 1  # broken files
+  step_dir = os.path.join(workdir, "checkpoints", "7")  # one step's folder names the step
+  assert cli.main(base + [f"--checkpoint={workdir}", f"--checkpoint={step_dir}",
+                          f"--output={two}"]) == 1
+  assert "ensemble" in capsys.readouterr().err
+  one, two = json.loads(one.read_text()), json.loads(two.read_text())
+  assert [r["file_name"] for r in one] == [r["file_name"] for r in two] == GOOD
+  for a, b in zip(one, two):
+    assert [x["caption"] for x in a["n_best"]] == [x["caption"] for x in b["n_best"]]
+    np.testing.assert_allclose([x["logprob"] for x in a["n_best"]],
+                               [x["logprob"] for x in b["n_best"]], atol=1e-4)
+  other = inference.random_model(_tiny_model_config(), vocab_lib.Vocabulary(WORDS[:-1] + ["zebra"]),
+                                 IMAGE_SIZE, MAX_LENGTH, seed=4)
+  other_dir = write_workdir(str(tmp_path / "other"), other)
+  assert cli.main(base + [f"--checkpoint={workdir}", f"--checkpoint={other_dir}"]) == 2
+  err = capsys.readouterr().err
+  assert "vocabulary" in err and "other" in err
+
+
+def test_no_empty_caption_from_an_end_favouring_model(model):
+  """A model that would say END at once still says a word; min_length=0 lets it stop."""
+  from captionjax import decode  # pylint: disable=g-import-not-at-top
+  import copy  # pylint: disable=g-import-not-at-top
+  eager = copy.copy(model)
+  eager.params = copy.deepcopy(model.params)
+  bias = np.array(eager.params["lm"]["logit"]["bias"])
+  bias[0] += 30.0  # END far above every word
+  eager.params["lm"]["logit"]["bias"] = bias
+  images = np.stack([_pattern(IMAGE_SIZE, IMAGE_SIZE, s) for s in range(4)])
+  # (Each decoder's min_length is tested in test_decode_options.py.)
+  caps = inference.BatchCaptioner(eager, batch_size=4, beam_size=2)(images)
+  assert all(len(c[0][0].split()) >= 1 for c in caps), caps
+  caps = inference.BatchCaptioner(eager, batch_size=4, options=decode.DecodeOptions(
+      beam_size=2, min_length=0))(images)
+  assert all(c[0][0] == "" for c in caps), caps
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--images=.", "--n_best=3", "--beam_size=2"], "--n_best=3"),
     (["--images=.", "--sample", "--n_best=2", "--beam_size=2"], "--n_best"),
     (["--images=.", "--batch_size=0"], "--batch_size"),
+    (["--images=.", "--beam_size=4", "--num_groups=3"], "--num_groups=3"),
+    (["--images=.", "--sample", "--top_p=0"], "--top_p=0"),
+    (["--images=.", "--sample", "--n_best=3", "--num_samples=2"], "--num_samples=2"),
+    (["--images=.", "--min_length=-1"], "--min_length=-1"),
+    (["--images=.", "--top_p=0.9"], "only with --sample"),
+    (["--images=.", "--sample", "--num_groups=2"], "--num_groups=2"),
+    (["--images=.", "--diversity_lambda=2"], "--num_groups > 1"),
     (["--images=/no/such/folder"], "/no/such/folder"),
     (["--camera=97"], "no camera /dev/video97"),
     ([], "one of --images"),

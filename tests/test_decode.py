@@ -2,6 +2,10 @@
 
 The reference model is a tiny random RNN written in jnp (its logits depend on
 the whole prefix), small enough to enumerate every caption by brute force.
+The plain decoders run with min_length=0 (an empty caption allowed) where
+they are compared with references that enumerate every caption; the
+constraints, diverse beam search, sampling filters and ensembles are in
+test_decode_options.py.
 Dimensions: B images, K beam, T max_length, V words (V+1 classes, 0 = END).
 """
 
@@ -67,25 +71,36 @@ def toy_step(params, h, tokens, transform=None):
 
 # The decoders, jitted once per shape for every toy model (the parameters
 # are arguments, not constants), with an optional static logits transform.
-@functools.partial(jax.jit, static_argnames=("max_length", "transform"))
-def toy_greedy(params, carry, max_length, transform=None):
+# `constraints` is a dict of static keyword arguments (min_length,
+# block_trigrams, num_groups, ...) as a tuple of items; `bad_endings` an array.
+@functools.partial(jax.jit, static_argnames=("max_length", "transform",
+                                             "constraints"))
+def toy_greedy(params, carry, max_length, transform=None, constraints=(),
+               bad_endings=None):
   step_fn = functools.partial(toy_step, params, transform=transform)
-  return decode.greedy(step_fn, carry, max_length)
+  kw = {"min_length": 0, **dict(constraints)}
+  return decode.greedy(step_fn, carry, max_length, bad_endings=bad_endings,
+                       **kw)
 
 
-@functools.partial(jax.jit, static_argnames=("max_length",))
-def toy_sample(params, carry, rng, max_length, temperature=1.0):
-  return decode.sample(functools.partial(toy_step, params), carry, rng,
-                       max_length, temperature)
+@functools.partial(jax.jit, static_argnames=("max_length", "transform",
+                                             "constraints"))
+def toy_sample(params, carry, rng, max_length, temperature=1.0,
+               transform=None, constraints=(), bad_endings=None):
+  step_fn = functools.partial(toy_step, params, transform=transform)
+  kw = {"min_length": 0, **dict(constraints)}
+  return decode.sample(step_fn, carry, rng, max_length, temperature,
+                       bad_endings=bad_endings, **kw)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "beam_size", "max_length", "length_penalty", "transform"))
+    "beam_size", "max_length", "length_penalty", "transform", "constraints"))
 def toy_beam(params, carry, beam_size, max_length, length_penalty=0.0,
-             transform=None):
+             transform=None, constraints=(), bad_endings=None):
   step_fn = functools.partial(toy_step, params, transform=transform)
+  kw = {"min_length": 0, **dict(constraints)}
   return decode.beam_search(step_fn, carry, beam_size, max_length,
-                            length_penalty)
+                            length_penalty, bad_endings=bad_endings, **kw)
 
 
 def caption_length(tokens):
@@ -282,7 +297,8 @@ def test_beam_search_stops_early():
     return h, table[tokens]
   carry = jnp.zeros((4, 1))
   assert jax.nn.softmax(table).max() < 0.3
-  tokens, _ = jax.jit(lambda c: decode.beam_search(step_fn, c, k, t))(carry)
+  tokens, _ = jax.jit(
+      lambda c: decode.beam_search(step_fn, c, k, t, min_length=0))(carry)
   jax.block_until_ready(tokens)
   assert 0 < len(steps) < t // 2
   assert np.all(np.asarray(tokens)[..., len(steps):] == END_ID)
@@ -323,7 +339,7 @@ def test_sampled_token_frequencies():
   def step_fn(h, tokens):
     return h, jnp.broadcast_to(logits, (tokens.shape[0], v + 1))
   tokens, _ = decode.sample(step_fn, jnp.zeros((n, 1)), key(4), 1,
-                            temperature)
+                            temperature, min_length=0)
   freq = np.bincount(np.asarray(tokens[:, 0]), minlength=v + 1) / n
   np.testing.assert_allclose(freq, jax.nn.softmax(logits / temperature),
                              atol=0.015)
@@ -374,9 +390,9 @@ def test_decoders_on_the_captioner():
   def run(feats, rng):
     img_emb = model.apply(variables, feats, method=Captioner.encode)
     carry = model.apply(variables, img_emb, method=Captioner.decode_start)
-    return (decode.greedy(step_fn, carry, t),
-            decode.sample(step_fn, carry, rng, t),
-            decode.beam_search(step_fn, carry, k, t))
+    return (decode.greedy(step_fn, carry, t, min_length=0),
+            decode.sample(step_fn, carry, rng, t, min_length=0),
+            decode.beam_search(step_fn, carry, k, t, min_length=0))
 
   (g_tok, g_lp), (s_tok, s_lp), (b_tok, b_sc) = run(feats, key(2))
   assert g_tok.shape == (b, t) and g_tok.dtype == jnp.int32

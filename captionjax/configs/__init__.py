@@ -73,12 +73,13 @@ _MINIMUM = {
     "eval_num_images": 1, "crop_size": 0, "learning_rate_decay_every": 1,
     "model.rnn_size": 1, "model.input_encoding_size": 1, "model.num_layers": 1,
     "shapes.image_size": 16, "shapes.num_train": 1, "shapes.num_val": 0,
-    "shapes.num_test": 0, "shapes.num_novel": 0,
+    "shapes.num_test": 0, "shapes.num_novel": 0, "min_length": 0, "num_groups": 1, "top_k": 0,
 }
 _UNIT_INTERVAL = ("model.drop_prob_lm",)  # in [0, 1)
 _CHOICES = {"dtype": ("float32", "bfloat16")}  # one of these
 _FINITE_NONNEGATIVE = ("learning_rate", "cnn_learning_rate", "cnn_pretrain_learning_rate",
-                       "grad_clip", "length_penalty", "cnn_weight_decay", "epsilon")
+                       "grad_clip", "length_penalty", "cnn_weight_decay", "epsilon",
+                       "temperature", "diversity_lambda", "top_p")
 
 
 def _get(config, key):
@@ -108,6 +109,17 @@ def validate(config) -> None:
     v = _get(config, key)
     if v is not None and v not in allowed:
       raise ConfigError(f"config.{key}={v!r}: must be one of {', '.join(allowed)}")
+  _validate_decoding(config)
+
+
+def _validate_decoding(config) -> None:
+  """The final test's decoding fields together (decode.DecodeOptions' rules:
+  num_groups divides beam_size, top_p in (0, 1], ...)."""
+  from captionjax import decode  # pylint: disable=g-import-not-at-top
+  try:
+    decode.DecodeOptions.from_config(config)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.{e}") from None
 
 
 def _parse_value(text: str):

@@ -15,6 +15,8 @@ results are in the README.
 
 import ml_collections
 
+from captionjax import decode
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -85,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- evaluation and decoding
   c.beam_size = 2  # beam size for the final test captions (NeuralTalk2's eval default)
   c.length_penalty = 0.0  # length normalization exponent in beam search (0 = none)
+  add_decoding_fields(c)
   c.eval_every_steps = 500  # validation loss and greedy captions every N steps
   c.eval_num_images = 500  # validation images captioned and scored at each evaluation
   c.eval_batch_size = 100  # images per evaluation batch
@@ -96,3 +99,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000  # orbax checkpoint every N steps
   c.keep_checkpoints = 2  # latest checkpoints kept, plus the best by validation score
   return c
+
+
+def add_decoding_fields(c: ml_collections.ConfigDict) -> None:
+  """The final test's decoding beyond beam_size and length_penalty
+  (captionjax/decode.py DecodeOptions; the same flags on `captionjax caption`)."""
+  c.min_length = 1  # END forbidden before this many words (0 allows an empty caption)
+  c.block_trigrams = False  # forbid a word that would repeat a trigram of the caption
+  c.bad_endings = ",".join(decode.BAD_ENDINGS)  # END forbidden after these words ("" = none)
+  c.num_groups = 1  # diverse beam search: groups of beam_size / num_groups beams (1 = plain)
+  c.diversity_lambda = 0.5  # diverse beam search: penalty per earlier group's same token
+  c.sample = False  # sample one caption per image instead of the beam search
+  c.temperature = 1.0  # sampling: softmax(logits / temperature)
+  c.top_k = 0  # sampling: only the k likeliest words (0 = all)
+  c.top_p = 1.0  # sampling: only the smallest set of likeliest words holding this mass
