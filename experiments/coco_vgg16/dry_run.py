@@ -14,8 +14,9 @@ for what cannot be downloaded here:
     vgg16_weights_tf_dim_ordering_tf_kernels.h5), then `import-weights`.
 Training then runs the experiment's config with a handful of steps and tiny
 batches: frozen CNN for `--frozen_steps`, fine-tuning after, evaluation,
-checkpoints and the beam-search test captions. It checks that the CNN starts
-from the imported weights, stays frozen, then moves.
+checkpoints and the beam-search test captions, then `--scst_steps` of
+self-critical training. It checks that the CNN starts from the imported
+weights, stays frozen, then moves, and stays put in SCST while the LSTM moves.
 """
 
 import argparse
@@ -77,6 +78,7 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--frozen_steps", type=int, default=2)
   parser.add_argument("--finetune_steps", type=int, default=2)
+  parser.add_argument("--scst_steps", type=int, default=2)
   args = parser.parse_args()
   sys.path.insert(0, os.path.join(HERE, "..", ".."))
   import jax  # pylint: disable=g-import-not-at-top
@@ -99,6 +101,7 @@ def main():
       ["train", f"--config={HERE}/config.py", f"--workdir={run}", "--no_progress",
        f"--config.dataset={data}", f"--config.model.cnn_weights={wdir}",
        f"--config.num_train_steps={steps}", f"--config.finetune_cnn_after={args.frozen_steps}",
+       f"--config.scst_steps={args.scst_steps}", "--config.scst_samples=2",
        "--config.batch_size=2", "--config.eval_every_steps=1000", "--config.eval_num_images=4",
        "--config.eval_batch_size=4", "--config.log_every_steps=1",
        f"--config.checkpoint_every_steps={args.frozen_steps}"],
@@ -115,27 +118,39 @@ def main():
     if rc:
       return rc
 
-  # The CNN started from the imported weights, stayed frozen, then moved.
+  # The CNN started from the imported weights, stayed frozen, then moved; in SCST
+  # (scst_finetune_cnn=False) it stays as fine-tuning left it and the LSTM moves.
   ckpt = checkpoints.Checkpointer(run, 10)
-  cnn = {s: jax.device_get(ckpt.restore(s, None)["params"]["cnn"]) for s in (args.frozen_steps, steps)}
+  last = steps + args.scst_steps
+  saved = {s: jax.device_get(ckpt.restore(s, None)["params"]) for s in (args.frozen_steps, steps, last)}
+  phase = ckpt.restore_meta(last)["phase"]
   ckpt.close()
+  cnn = {s: p["cnn"] for s, p in saved.items()}
   imported, _ = weights.load(wdir)
   frozen_same = all(np.array_equal(cnn[args.frozen_steps][k]["kernel"], imported[k]["kernel"])
                     for k in cnn[args.frozen_steps])
   moved = any(not np.array_equal(cnn[steps][k]["kernel"], imported[k]["kernel"]) for k in cnn[steps])
+  leaves = lambda t: jax.tree_util.tree_leaves(t)
+  scst_cnn_same = all(np.array_equal(a, b) for a, b in zip(leaves(cnn[steps]), leaves(cnn[last])))
+  scst_lm_moved = any(not np.array_equal(a, b) for a, b in zip(leaves(saved[steps]["lm"]),
+                                                                 leaves(saved[last]["lm"])))
   with open(os.path.join(run, "train_log.jsonl"), encoding="utf-8") as f:
     log = [json.loads(line) for line in f]
   with open(os.path.join(run, "scores.json"), encoding="utf-8") as f:
     scores = json.load(f)
   summary = {"cnn_equals_imported_after_frozen_steps": frozen_same,
              "cnn_moved_after_finetuning": moved,
+             "scst_phase": phase, "scst_cnn_unchanged": scst_cnn_same,
+             "scst_lm_moved": scst_lm_moved,
+             "scst_rewards": [round(r["reward"], 3) for r in log if "reward" in r],
              "logged_steps": sorted({r["step"] for r in log if "loss" in r}),
              "losses": [round(r["loss"], 3) for r in log if "loss" in r],
              "compile_seconds": [r["compile_seconds"] for r in log if "compile_seconds" in r],
              "test_scores": {k: scores.get(k) for k in ("Bleu_4", "CIDEr", "METEOR")},
              "seconds": round(time.time() - t0, 1)}
   print(json.dumps(summary, indent=1))
-  return 0 if frozen_same and moved else 1
+  ok = frozen_same and moved and phase == "scst" and scst_cnn_same and scst_lm_moved
+  return 0 if ok else 1
 
 
 if __name__ == "__main__":
