@@ -21,7 +21,7 @@ import numpy as np
 
 BEST_FILE = "best.json"
 # The training phases a checkpoint can be of (its meta "phase").
-PHASE_PRETRAIN, PHASE_CAPTION = "cnn_pretrain", "caption"
+PHASE_PRETRAIN, PHASE_CAPTION, PHASE_SCST = "cnn_pretrain", "caption", "scst"
 
 
 class CheckpointError(ValueError):

@@ -27,7 +27,7 @@ DEBUG_ENV = "CAPTIONJAX_DEBUG"
 SUBCOMMANDS = {
     "prepro": ("captionjax.prepro", "preprocess a captioning data set into record shards"),
     "make-shapes": ("captionjax.shapes", "generate the embedded 'shapes' data set in raw format"),
-    "train": ("captionjax.train", "train a captioner (resumes from --workdir)"),
+    "train": ("captionjax.train_cli", "train a captioner (resumes from --workdir)"),
     "caption": ("captionjax.caption", "caption images with a trained checkpoint"),
     "evaluate": ("captionjax.metrics.cli", "score captions as the coco-caption toolkit does"),
     "perplexity": ("captionjax.perplexity", "perplexity of reference captions under a checkpoint"),

@@ -3,7 +3,8 @@
   compute_features  the frozen CNN's features of every image of some splits
   caption_split     greedy or beam captions of every image of a split
   references        a split's reference captions, by image id
-  score_captions    the coco-caption metrics of captions (+ hallucination_free on shapes)
+  score_captions    the coco-caption metrics of captions (+ hallucination_free and
+                    names_exactly on shapes)
   human_ceiling     one reference scored against the others: what a person gets
   Validator         the validation loss, greedy captions and scores of a train state
   final_test        the test split(s)' captions (decode.DecodeOptions of the config) and
@@ -98,6 +99,8 @@ def score_captions(captions: list, refs: dict, data, metrics=("bleu", "rouge", "
     from captionjax import shapes  # pylint: disable=g-import-not-at-top
     ok = [shapes.hallucination_free(c["caption"], objects[c["image_id"]]) for c in captions]
     scores["hallucination_free"] = float(np.mean(ok))
+    exact = [shapes.names_exactly(c["caption"], objects[c["image_id"]]) for c in captions]
+    scores["names_exactly"] = float(np.mean(exact))
   scores["distinct_captions"] = len({c["caption"] for c in captions})
   return scores
 

@@ -10,6 +10,7 @@ appends to the same log; for a step logged twice the later record wins.
 """
 
 import json
+import math
 import os
 import time
 
@@ -111,7 +112,7 @@ def plot_curves(workdir: str) -> list:
   fig, ax = plt.subplots(figsize=(7, 4))
   phases = []
   for r in records:
-    if "loss" in r and r.get("phase") not in phases:
+    if "loss" in r and r.get("phase") not in phases and "reward" not in r:
       phases.append(r.get("phase"))
   for phase in phases:
     steps, values = _series(records, "loss", phase)
@@ -134,6 +135,10 @@ def plot_curves(workdir: str) -> list:
     if steps:
       ax.plot(steps, values, "o-", label=key[len("val_"):])
       drawn = True
+  steps, values = _series(records, "reward")
+  if steps:  # self-critical training: the samples' mean CIDEr-D on training images
+    ax.plot(steps, values, label="train reward (SCST samples' CIDEr-D)")
+    drawn = True
   ax.set_xlabel("step")
   ax.set_ylabel("validation score")
   ax.grid(alpha=0.3)
@@ -176,12 +181,18 @@ class StepLog:
   and checked), `flush` on logging steps (one host sync), `check` before a
   checkpoint between them. `first_loss` (phase -> its first loss) is shared
   with the checkpoints: NeuralTalk2's divergence rule compares against it.
+  With guard="reward" (self-critical training, whose loss is near zero and of
+  either sign) the phase's first reward is kept instead, and a mean reward
+  below 1/factor of it stops the run; a NaN/Inf loss stops every phase.
+  Metrics "X_sum" other than the loss's are logged as X = sum / count, and
+  "X_total" as X = total / steps.
   """
 
   def __init__(self, logger: Logger, phase: str, batch_size: int, learning_rate,
-               first_loss: dict, factor: float):
+               first_loss: dict, factor: float, guard: str = "loss"):
     self.logger, self.phase, self.batch_size = logger, phase, batch_size
     self.learning_rate, self.first_loss, self.factor = learning_rate, first_loss, factor
+    self.guard = guard  # "loss" (diverged above factor x the first) or "reward" (below 1/factor)
     self.acc, self.t_log, self.n, self.compiling = None, time.time(), 0, True
 
   def add(self, step: int, state, metrics, t0: float) -> None:
@@ -191,9 +202,8 @@ class StepLog:
       jax.block_until_ready(state)
       self.logger.log(step, {"phase": self.phase, "compile_seconds": round(time.time() - t0, 2)})
       self.compiling, self.t_log = False, time.time()
-      loss0 = _loss_of(metrics)
-      check_loss(loss0, None, where=f"step {step + 1}: ")
-      self.first_loss.setdefault(self.phase, loss0)  # NeuralTalk2's reference for divergence
+      check_loss(_loss_of(metrics), None, where=f"step {step + 1}: ")
+      self.first_loss.setdefault(self.phase, self._guarded(metrics))  # the reference for divergence
     self.acc = metrics if self.acc is None else jax.tree_util.tree_map(
         lambda a, b: a + b, self.acc, metrics)
     self.n += 1
@@ -207,17 +217,40 @@ class StepLog:
            "images_per_s": round(self.n * self.batch_size / dt, 1)}
     if "exact_sum" in m:
       rec["exact_scene_accuracy"] = float(m["exact_sum"] / (self.n * self.batch_size))
+    for k, v in m.items():
+      if k.endswith("_sum") and k not in ("loss_sum", "exact_sum"):
+        rec[k[:-len("_sum")]] = float(v) / max(float(m["count"]), 1.0)
+      elif k.endswith("_total"):
+        rec[k[:-len("_total")]] = round(float(v) / self.n, 3)
     rec["learning_rate"] = self.learning_rate(phase_step)
     self.logger.log(step, rec)
     self.acc, self.t_log, self.n = None, time.time(), 0
-    check_loss(rec["loss"], self.first_loss.get(self.phase), self.factor, where=f"step {step}: ")
+    self._check(m, step)
     return rec
 
   def check(self, step: int) -> None:
     """Diverged if the loss since the last log step diverged (a host sync)."""
     import jax  # pylint: disable=g-import-not-at-top
-    check_loss(_loss_of(jax.device_get(self.acc)), self.first_loss.get(self.phase), self.factor,
-               where=f"step {step}: ")
+    self._check(jax.device_get(self.acc), step)
+
+  def _guarded(self, m) -> float:
+    """The quantity the divergence rule compares with its first value."""
+    if self.guard == "reward":
+      return float(m["reward_sum"]) / max(float(m["count"]), 1.0)
+    return _loss_of(m)
+
+  def _check(self, m, step: int) -> None:
+    """Diverged if the metrics `m` (summed since the last check) diverged."""
+    first, where = self.first_loss.get(self.phase), f"step {step}: "
+    if self.guard != "reward":
+      check_loss(_loss_of(m), first, self.factor, where=where)
+      return
+    check_loss(_loss_of(m), None, where=where)  # only NaN/Inf: the loss has no scale
+    reward = self._guarded(m)
+    if not math.isfinite(reward) or (first is not None and first > 0
+                                     and reward < first / self.factor):
+      raise Diverged(f"{where}mean reward {reward:.4g} is below 1/{self.factor:g} of the "
+                     f"first {first:.4g}")
 
 
 def _loss_of(m) -> float:

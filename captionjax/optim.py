@@ -5,6 +5,8 @@
                      step-halving learning rate
   cnn_optimizer      the CNN while it is fine-tuned: its own Adam and weight decay
   pretrain_optimizer the CNN and object heads in shapes pretraining: Adam, cosine decay
+  scst_optimizer     the language model in self-critical training: Adam at its own
+                     constant learning rate, the same clipping
 """
 
 import jax.numpy as jnp
@@ -64,6 +66,14 @@ def pretrain_optimizer(config):
   return optax.adam(optax.cosine_decay_schedule(config.cnn_pretrain_learning_rate, steps, 0.02))
 
 
+def scst_optimizer(config):
+  """Adam at config.scst_learning_rate (constant, as the reference implementations)."""
+  return optax.chain(
+      optax.clip(config.grad_clip),
+      optax.adam(config.scst_learning_rate, b1=config.beta1, b2=config.beta2,
+                 eps=config.epsilon))
+
+
 class TrainStates:
   """The optimizers of a run and the fresh train state of each phase.
 
@@ -81,6 +91,7 @@ class TrainStates:
     self.tx_cnn = cnn_optimizer(config)
     # The CNN's Adam state (two copies of its parameters) exists only where it is fine-tuned.
     self.finetune = config.finetune_cnn_after >= 0 and not config.cached_features
+    self.tx_scst = scst_optimizer(config) if config.get("scst_steps", 0) else None
     self.lm_keys = build.LM_KEYS
     kw = config.model.cnn_kwargs
     self.heads = build.object_heads(kw.get("grid", 1), 0 if kw.get("cell_fc", 0) else 256)
@@ -115,6 +126,15 @@ class TrainStates:
     the CNN's when it will be fine-tuned (or `cnn_opt` says so)."""
     opt = {"lm": self.tx_lm.init({k: params[k] for k in self.lm_keys})}
     if self.finetune if cnn_opt is None else cnn_opt:
+      opt["cnn"] = self.tx_cnn.init(params["cnn"])
+    return {"step": jnp.int32(step), "params": params, "batch_stats": batch_stats,
+            "opt_state": opt}
+
+  def scst(self, params, batch_stats, step: int) -> dict:
+    """The captioner's parameters with fresh self-critical (LM) and, where the
+    CNN is fine-tuned, CNN optimizer states."""
+    opt = {"lm": self.tx_scst.init({k: params[k] for k in self.lm_keys})}
+    if self.finetune:
       opt["cnn"] = self.tx_cnn.init(params["cnn"])
     return {"step": jnp.int32(step), "params": params, "batch_stats": batch_stats,
             "opt_state": opt}

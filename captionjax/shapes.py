@@ -6,7 +6,7 @@ its own cell of a 3 x 3 grid (with jitter), so every caption can speak of
 positions ("in the top left corner") and relations ("to the left of"). Each
 image gets at least 5 captions in varied phrasings, and its true object list
 is kept beside it, so a caption can be checked for objects that are not
-there (`hallucination_free`).
+there (`hallucination_free`), and exactly the objects there (`names_exactly`).
 
 Splits: train, val and test never show the HELD_OUT (color, shape) pairs;
 the split "novel" shows at least one of them in every image, to measure how
@@ -272,6 +272,14 @@ def hallucination_free(caption: str, objects: list[dict]) -> bool:
     if shape not in shapes or (color is not None and (color, shape) not in present):
       return False
   return True
+
+
+def names_exactly(caption: str, objects: list[dict]) -> bool:
+  """True when the caption names exactly the image's objects: each (color, shape)
+  as many times as it is there, nothing absent, nothing left out."""
+  said = sorted(mentions(caption), key=str)
+  there = sorted(((o["color"], o["shape"]) for o in objects), key=str)
+  return said == there
 
 
 # ---------------------------------------------------------------- writing

@@ -9,13 +9,17 @@ function for `jax.jit`; nothing that changes between calls is closed over:
   make_generate       (params, batch_stats, x[, rng, bad_endings]) -> (tokens, scores)
                       greedy, sampling or (diverse) beam search (captionjax/decode.py)
   make_ensemble_generate  the same for several models, log-probabilities averaged
+  make_scst_sample    (state, batch, rng) -> K sampled captions per image (+ greedy)
+  make_scst_step      (state, batch, rng) -> (state, metrics)  the policy-gradient update
+                      (self-critical training: captionjax/scst.py runs the two around
+                      the host's reward)
 
 The train state is a dict: {"step", "params", "batch_stats", "opt_state"}.
 Metrics are sums plus a count (`loss_sum`, `count`); the host divides.
 
 Dimensions: B images per batch, S captions per image, L = max_length + 2,
-D CNN feature size, V vocabulary size, G grid cells a side, K beams,
-T decoded tokens.
+D CNN feature size, V vocabulary size, G grid cells a side, K beams (or
+sampled captions per image), T decoded tokens (max_length + 1).
 """
 
 import jax
@@ -175,3 +179,107 @@ def make_ensemble_generate(members, options: decode.DecodeOptions, max_length: i
     return decode.decode(step_fn, carry, max_length, options, rng, bad_endings)
 
   return generate
+
+
+# ---------------------------------------------------------------- self-critical training
+
+
+def make_scst_sample(cnn, lm, mode: str, num_samples: int, max_length: int, greedy: bool):
+  """(state, batch, rng) -> {"samples" [B, K, T], "logprobs" [B, K], "features" [B, D]
+  (, "greedy" [B, T])}: K captions sampled per image, and the greedy caption.
+
+  The image goes through the CNN (modes "frozen", "finetune"; inference mode)
+  and the embedding once; the carry is tiled K times (row b*K + k is sample k
+  of image b). The random key is folded with the state's step: each step
+  samples anew, the same after a resume. The policy is the LM without dropout.
+  """
+
+  def sample(state, batch, rng):
+    params = state["params"]
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state["step"]), 2)
+    feats = batch["features"] if mode == "features" else cnn.apply(
+        cnn_variables(params["cnn"], state["batch_stats"]), images_to_input(batch["image"]),
+        train=False)  # -> [B, D]
+    feats = jax.lax.stop_gradient(feats)
+    v = {"params": {k: params[k] for k in LM_KEYS}}
+    carry = lm.apply(v, lm.apply(v, feats, method=Captioner.encode),
+                     method=Captioner.decode_start)
+    step_fn = lambda c, t: lm.apply(v, c, t, method=Captioner.decode_step)
+    b = feats.shape[0]
+    tiled = jax.tree_util.tree_map(lambda x: jnp.repeat(x, num_samples, axis=0), carry)
+    tokens, logprobs = decode.sample(step_fn, tiled, rng, max_length)  # -> [B*K, T], [B*K]
+    out = {"samples": tokens.reshape(b, num_samples, max_length),
+           "logprobs": logprobs.reshape(b, num_samples), "features": feats}
+    if greedy:
+      out["greedy"] = decode.greedy(step_fn, carry, max_length)[0]  # -> [B, T]
+    return out
+
+  return sample
+
+
+def sequence_mask(tokens):
+  """[..., T] -> float32 [..., T]: 1 up to and including the first END (0)."""
+  alive = jnp.cumprod((tokens != decode.END_ID).astype(jnp.int32), axis=-1)  # -> [..., T]
+  return jnp.concatenate([jnp.ones_like(alive[..., :1]), alive[..., :-1]], -1).astype(jnp.float32)
+
+
+def sample_logprobs(lm, lm_params, feats, samples):
+  """Summed log-probabilities [B, K] of sampled captions [B, K, T] under the LM.
+
+  Teacher forcing: the LM's training forward on [START, samples] (no dropout)
+  gives every position's logits at once; positions after the first END are
+  masked. Equals the sampler's logprobs, with gradients.
+  """
+  b, k, _ = samples.shape
+  captions = jnp.concatenate([jnp.zeros((b, k, 1), samples.dtype), samples], -1)  # -> [B, K, T+1]
+  logits = lm.apply({"params": lm_params}, feats, captions, train=False)  # -> [B, K, T, V+1]
+  logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)
+  token_logp = jnp.take_along_axis(logp, samples[..., None], -1)[..., 0]  # -> [B, K, T]
+  return jnp.sum(token_logp * sequence_mask(samples), -1)
+
+
+def scst_loss(lm, lm_params, feats, samples, advantage):
+  """(loss_sum, count): the policy-gradient loss -sum_{b,k} A[b,k] * log p(sample[b,k]).
+
+  advantage [B, K] is a constant (reward minus baseline); count = B*K, so
+  loss_sum / count is -mean(A * log p), REINFORCE with a baseline.
+  """
+  logp = sample_logprobs(lm, lm_params, feats, samples)  # -> [B, K]
+  adv = jax.lax.stop_gradient(advantage).astype(logp.dtype)
+  return -jnp.sum(adv * logp), jnp.float32(logp.size)
+
+
+def make_scst_step(cnn, lm, tx_lm, tx_cnn, mode: str):
+  """(state, batch, rng) -> (state, metrics): one self-critical update.
+
+  batch: "samples" int32 [B, K, T], "advantage" [B, K], and "features" [B, D]
+  (modes "features", "frozen": the sampler's features) or "image" (mode
+  "finetune": the CNN, in inference mode as when sampling, gets gradients
+  and its own optimizer; its BatchNorm statistics stay as they are).
+  """
+
+  def step(state, batch, rng):
+    del rng
+    params = state["params"]
+    trainable = {k: params[k] for k in LM_KEYS + (("cnn",) if mode == "finetune" else ())}
+
+    def loss_fn(tp):
+      feats = batch["features"] if mode != "finetune" else cnn.apply(
+          cnn_variables(tp["cnn"], state["batch_stats"]), images_to_input(batch["image"]),
+          train=False)
+      loss_sum, count = scst_loss(lm, {k: tp[k] for k in LM_KEYS}, feats, batch["samples"],
+                                  batch["advantage"])
+      return loss_sum / count, (loss_sum, count)
+
+    grads, (loss_sum, count) = jax.grad(loss_fn, has_aux=True)(trainable)
+    opt = dict(state["opt_state"])
+    lm_part = {k: trainable[k] for k in LM_KEYS}
+    upd, opt["lm"] = tx_lm.update({k: grads[k] for k in LM_KEYS}, opt["lm"], lm_part)
+    new_params = dict(params, **optax.apply_updates(lm_part, upd))
+    if mode == "finetune":
+      upd, opt["cnn"] = tx_cnn.update(grads["cnn"], opt["cnn"], params["cnn"])
+      new_params["cnn"] = optax.apply_updates(params["cnn"], upd)
+    return dict(state, step=state["step"] + 1, params=new_params, opt_state=opt), {
+        "loss_sum": loss_sum, "count": count}
+
+  return step

@@ -3,23 +3,26 @@
     captionjax train --workdir=runs/default [--config=NAME_OR_FILE] [--config.FIELD=VALUE ...]
     python -m captionjax.train --workdir=runs/default ...   (the same)
 
-The run has up to two phases, counted by one global step:
+The run has up to three phases, counted by one global step:
   1. `cnn_pretrain_steps` steps of object recognition (shapes only): the CNN
      and per-grid-cell heads for shape, color and size.
   2. `num_train_steps` caption steps, the CNN cached (`cached_features`) or
      frozen until `finetune_cnn_after`, then fine-tuned with its own optimizer.
+  3. `scst_steps` of self-critical training on the CIDEr-D reward (scst.py).
 At the end the test split(s) are captioned with beam search into
 WORKDIR/captions.json and scored into WORKDIR/scores.json.
 
 The same command again resumes exactly from the latest checkpoint (state,
 step, RNG, input position), after `kill -9` too. SIGTERM or SIGINT saves a
 checkpoint and exits (128 + signal); a NaN/Inf loss, or one above 20x the
-first (NeuralTalk2's rule), stops the run and keeps the good checkpoints.
+first (NeuralTalk2's rule; SCST: a mean reward below 1/20 of its first), stops
+the run and keeps the good checkpoints.
 Monitoring (monitor.py): a progress bar, train_log.jsonl, TensorBoard, plots.
 
-This file is the loop (models: models/build.py; jitted steps: steps.py; optimizers:
-optim.py; evaluation: evaluation.py). Each phase is a `Phase` value run by
-`run_phase`; `Run` holds what the phases share. B: images per batch.
+This file is the loop (command line: train_cli.py; models: models/build.py; jitted
+steps: steps.py; optimizers: optim.py; evaluation: evaluation.py; self-critical
+training: scst.py). Each phase is a `Phase` value run by `run_phase`; `Run`
+holds what the phases share. B: images per batch.
 """
 
 import dataclasses
@@ -36,50 +39,20 @@ import numpy as np
 
 from captionjax import checkpoints as ckpt_lib
 from captionjax import cli
-from captionjax import configs
 from captionjax import evaluation
 from captionjax import files
 from captionjax import input_pipeline
 from captionjax import monitor
 from captionjax import optim
 from captionjax import records
+from captionjax import scst
 from captionjax import steps
 from captionjax import vocab as vocab_lib
 from captionjax.models import build
 
-ALLOW_EXTRA_ARGS = True  # --config.FIELD=VALUE overrides
 DIVERGENCE_FACTOR = 20.0  # stop when the loss exceeds this x the first loss (NeuralTalk2)
-PHASE_PRETRAIN, PHASE_CAPTION = ckpt_lib.PHASE_PRETRAIN, ckpt_lib.PHASE_CAPTION
-
-
-def add_arguments(p):
-  p.add_argument("--workdir", required=True,
-                 help="checkpoints, logs and results; an existing run there is resumed")
-  p.add_argument("--config", default="default",
-                 help=f"a config name ({', '.join(configs.names())}) or a config file path")
-  p.add_argument("--no_progress", action="store_true", help="no progress bars")
-  p.add_argument("--start_from", default="",
-                 help="initialize the model from another run's latest checkpoint "
-                      "(NeuralTalk2's -start_from), e.g. to go on with CNN fine-tuning")
-  p.epilog = ("Set any config field with --config.FIELD=VALUE (dotted when nested: "
-              "--config.model.rnn_size=512); captionjax/configs/default.py explains each.")
-
-
-def run(args) -> int:
-  """Bad flags, config, data or checkpoints raise (one line, exit 2: cli.run_command),
-  as do a diverged run and a full disk (exit 1)."""
-  bad = [item for item in args.extra if not item.startswith("--config.")]
-  if bad:
-    raise configs.ConfigError(f"unrecognized argument {bad[0]} (config fields are set "
-                              "with --config.FIELD=VALUE)")
-  config = configs.load_config(args.config, [item[len("--config."):] for item in args.extra])
-  try:
-    train_and_evaluate(config, args.workdir, progress=not args.no_progress,
-                       start_from=args.start_from or None)
-  except ckpt_lib.Preempted as e:
-    say(f"captionjax train: {e}")
-    return 128 + e.signum
-  return cli.EXIT_OK
+PHASE_PRETRAIN, PHASE_CAPTION, PHASE_SCST = (ckpt_lib.PHASE_PRETRAIN, ckpt_lib.PHASE_CAPTION,
+                                             ckpt_lib.PHASE_SCST)
 
 
 @dataclasses.dataclass
@@ -93,6 +66,9 @@ class Phase:
   validator: Optional[evaluation.Validator] = None  # run every eval_every_steps
   learning_rate: Callable = None  # steps into the phase -> the logged learning rate
   announce: str = ""  # said when the phase starts ("{step}": the global step)
+  guard: str = "loss"  # the divergence check's quantity (monitor.StepLog)
+  jit: bool = True  # False: step_fn calls its own jitted parts (scst.Step)
+  start: Optional[Callable] = None  # state -> state, at step `first` (a fresh optimizer)
 
 
 @dataclasses.dataclass
@@ -118,6 +94,7 @@ class Run:
   step: int = 0  # global steps done
   position: int = 0  # examples of the current phase consumed
   first_loss: dict = dataclasses.field(default_factory=dict)  # phase -> its first loss
+  features: dict = dataclasses.field(default_factory=dict)  # split -> cached CNN features
   saved_step: Optional[int] = None
 
   def save(self, state, phase: str) -> None:
@@ -211,8 +188,8 @@ def _train(config, workdir, progress, start_from, ckpt, latest, stop, t_start) -
     state = jax.device_put(states.caption({**states.params, "cnn": p["cnn"]}, bs, r.step),
                            replicated)
 
-  # ---- phase 2: captions (frozen or cached CNN, then fine-tuning)
-  for phase in caption_phases(r, states, state, pretrain):
+  # ---- phase 2: captions (frozen or cached CNN, then fine-tuning); phase 3: SCST
+  for phase in caption_phases(r, states, state, pretrain) + scst_phases(r, states, state, pretrain):
     state = run_phase(r, phase, state)
   ckpt.wait()  # the last checkpoint is on disk
 
@@ -252,7 +229,7 @@ def _start_or_resume(r: Run, latest, start_from, params, batch_stats, feat_dim, 
     say("note: the data set has no object labels; CNN pretraining skipped")
   if started_from:  # the CNN comes from the other run
     pretrain = 0
-  r.total_steps = pretrain + config.num_train_steps
+  r.total_steps = pretrain + config.num_train_steps + config.get("scst_steps", 0)
   r.meta = {"vocab_size": len(r.vocab), "vocab_digest": ckpt_lib.vocab_digest(r.vocab.words),
             "image_size": r.info["image_size"], "max_length": r.info["max_length"],
             "started_from": started_from or None}
@@ -261,6 +238,8 @@ def _start_or_resume(r: Run, latest, start_from, params, batch_stats, feat_dim, 
   if latest is not None:
     if meta["phase"] == PHASE_CAPTION and pretrain:
       state = states.caption(params, batch_stats, 0)
+    if meta["phase"] == PHASE_SCST:
+      state = states.scst(params, batch_stats, 0)
     state = states.restore(r.ckpt, latest, state, meta["phase"] == PHASE_CAPTION)
     r.step, r.position = int(meta["step"]), int(meta.get("data_position", 0))
     r.first_loss = dict(meta.get("first_loss", {}))
@@ -288,20 +267,11 @@ def pretrain_phase(r: Run, states: optim.TrainStates, pretrain: int) -> Phase:
 
 def caption_phases(r: Run, states: optim.TrainStates, state, pretrain: int) -> list:
   """Phase 2, as one or two Phases: the CNN frozen (or cached), then fine-tuned."""
-  config = r.config
-  if r.step >= r.total_steps:
+  config, end = r.config, pretrain + r.config.num_train_steps
+  if r.step >= end:
     return []
   mode = "features" if config.cached_features else "frozen"
-  features = {}
-  if mode == "features":
-    if config.finetune_cnn_after >= 0:
-      raise ValueError("cached_features=True freezes the CNN: set finetune_cnn_after=-1")
-    t0, splits = time.time(), {"train": r.train_data, "val": r.val_data}
-    features = evaluation.compute_features(
-        r.cnn, state["params"]["cnn"], state["batch_stats"],
-        {k: v for k, v in splits.items() if v is not None}, config.eval_batch_size, r.mesh_put,
-        config.crop_size)
-    say(f"features: {features['train'].shape} computed in {time.time() - t0:.1f}s")
+  features = cached_features(r, state) if mode == "features" else {}
 
   def batch_fn(b):  # the CNN's input: cached features, or the images
     x = ("features", features["train"][b["row"]]) if mode == "features" else ("image", b["image"])
@@ -320,12 +290,39 @@ def caption_phases(r: Run, states: optim.TrainStates, state, pretrain: int) -> l
   phases = []
   if r.step < ft_start:
     phases.append(Phase(PHASE_CAPTION, step_fn(mode), batch_fn, pretrain,
-                        min(ft_start, r.total_steps), validator(mode), lr))
-  if ft_start < r.total_steps:
+                        min(ft_start, end), validator(mode), lr))
+  if ft_start < end:
     phases.append(Phase(PHASE_CAPTION, step_fn("finetune"), batch_fn, pretrain,
-                        r.total_steps, validator("frozen"), lr,
+                        end, validator("frozen"), lr,
                         announce="fine-tuning the CNN from step {step}"))
   return phases
+
+
+def cached_features(r: Run, state) -> dict:
+  """The frozen CNN's features of the train and val images (computed once, kept in r)."""
+  if r.config.finetune_cnn_after >= 0:
+    raise ValueError("cached_features=True freezes the CNN: set finetune_cnn_after=-1")
+  if not r.features:
+    t0 = time.time()
+    splits = {"train": r.train_data, **({"val": r.val_data} if r.val_data is not None else {})}
+    r.features = evaluation.compute_features(r.cnn, state["params"]["cnn"], state["batch_stats"],
+                                             splits, r.config.eval_batch_size, r.mesh_put,
+                                             r.config.crop_size)
+    say(f"features: {r.features['train'].shape} computed in {time.time() - t0:.1f}s")
+  return r.features
+
+
+def scst_phases(r: Run, states: optim.TrainStates, state, pretrain: int) -> list:
+  """Phase 3: self-critical training (scst.py), with a fresh optimizer at its first step."""
+  if r.step >= r.total_steps or not r.config.get("scst_steps", 0):
+    return []
+  mode = scst.cnn_mode(r.config)
+  features = cached_features(r, state) if mode == "features" else {}
+  step, batch_fn, validator = scst.phase_parts(r, states, mode, features, say)
+  return [Phase(PHASE_SCST, step, batch_fn, pretrain + r.config.num_train_steps, r.total_steps,
+                validator, lambda _: float(r.config.scst_learning_rate), guard="reward",
+                jit=False, start=lambda s: jax.device_put(  # placed as the state it replaces
+                    states.scst(s["params"], s["batch_stats"], r.step), s["step"].sharding))]
 
 
 def run_phase(r: Run, phase: Phase, state):
@@ -340,15 +337,19 @@ def run_phase(r: Run, phase: Phase, state):
     return state
   if phase.announce:
     say(phase.announce.format(step=r.step))
+  if phase.start is not None and r.step == phase.first:
+    state = phase.start(state)
   local_batch = config.batch_size // jax.process_count()
   it = input_pipeline.TrainIterator(
       r.train_data, local_batch, seq_per_img=config.seq_per_img, seed=config.seed,
       start=r.position if r.step > phase.first else 0, crop_size=config.crop_size,
       flip=config.flip, process_index=jax.process_index(), process_count=jax.process_count())
-  phase.step_fn.__name__ = f"{name}_train_step"  # names the compiled program in jax.log_compiles
-  jstep = jax.jit(phase.step_fn, donate_argnums=(0,))
+  jstep = phase.step_fn
+  if phase.jit:
+    jstep.__name__ = f"{name}_train_step"  # names the compiled program in jax.log_compiles
+    jstep = jax.jit(jstep, donate_argnums=(0,))
   log = monitor.StepLog(r.logger, name, config.batch_size, phase.learning_rate, r.first_loss,
-                        DIVERGENCE_FACTOR)
+                        DIVERGENCE_FACTOR, phase.guard)
   bar = tqdm(total=last - phase.first, initial=r.step - phase.first, desc=name, unit="step",
              disable=not r.progress, dynamic_ncols=True, file=sys.stderr)
   r.stop.in_loop = True

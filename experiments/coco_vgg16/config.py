@@ -1,4 +1,4 @@
-"""NeuralTalk2 on COCO: ImageNet VGG16, frozen CNN first, then fine-tuning.
+"""NeuralTalk2 on COCO: ImageNet VGG16, frozen CNN first, then fine-tuning, then SCST.
 
     captionjax train --config=experiments/coco_vgg16/config.py --workdir=runs/coco_vgg16
 
@@ -63,6 +63,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.cnn_weight_decay = 0.0  # NeuralTalk2's cnn_weight_decay
   c.cnn_beta1 = 0.8  # NeuralTalk2's cnn_optim_alpha
   c.cnn_beta2 = 0.999  # NeuralTalk2's cnn_optim_beta
+
+  # ---- self-critical training after the caption steps (Rennie et al. 2017), with the
+  # reference implementations' settings: the CNN fixed, Adam at a constant 5e-5, the
+  # CIDEr-D reward with the training split's document frequencies, 5 samples per image
+  # with the mean of the other 4 as the baseline (the "new self-critical" variant)
+  c.scst_steps = 106_200  # 15 epochs of Karpathy's 113,287 training images at 16 per step
+  c.scst_learning_rate = 5e-5  # constant, as self-critical.pytorch's RL stage
+  c.scst_samples = 5  # captions sampled per image
+  c.scst_baseline = "mean"  # "greedy" for Rennie et al.'s greedy-decoding baseline
+  c.scst_finetune_cnn = False  # the CNN stays as the caption phase left it
 
   # ---- evaluation, logging, checkpoints
   c.beam_size = 2  # NeuralTalk2's eval.lua default
