@@ -84,12 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.cnn_beta1 = 0.8  # Adam beta1 of the CNN
   c.cnn_beta2 = 0.999  # Adam beta2 of the CNN
 
-  # ---- self-critical sequence training (Rennie et al. 2017) after the caption steps
-  c.scst_steps = 0  # steps of SCST on the CIDEr-D reward (0 = off)
-  c.scst_learning_rate = 5e-5  # its constant Adam learning rate (the reference implementations')
-  c.scst_samples = 5  # captions sampled per image at each step (K)
-  c.scst_baseline = "greedy"  # "greedy": the greedy caption's reward; "mean": the other K-1 samples'
-  c.scst_finetune_cnn = True  # go on fine-tuning the CNN in SCST if the caption phase did
+  add_scst_fields(c)
 
   # ---- evaluation and decoding
   c.beam_size = 2  # beam size for the final test captions (NeuralTalk2's eval default)
@@ -106,6 +101,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000  # orbax checkpoint every N steps
   c.keep_checkpoints = 2  # latest checkpoints kept, plus the best by validation score
   return c
+
+
+def add_scst_fields(c: ml_collections.ConfigDict) -> None:
+  """Self-critical sequence training (Rennie et al. 2017) after the caption steps."""
+  c.scst_steps = 0  # steps of SCST on the CIDEr-D reward (0 = off)
+  c.scst_learning_rate = 5e-5  # its constant Adam learning rate (the reference implementations')
+  c.scst_samples = 5  # captions sampled per image at each step (K)
+  c.scst_baseline = "greedy"  # "greedy": the greedy caption's reward; "mean": the other K-1 samples'
+  c.scst_finetune_cnn = True  # go on fine-tuning the CNN in SCST if the caption phase did
 
 
 def add_decoding_fields(c: ml_collections.ConfigDict) -> None:
