@@ -68,7 +68,14 @@ def load_annotations(path: str) -> Dict[object, List[str]]:
 
 def load_results(path: str) -> Dict[object, str]:
   """Reads COCO results into {image_id: caption}; the first caption of an id wins."""
-  data = _load_json(path, "results")
+  return results_from_records(_load_json(path, "results"), path)
+
+
+def results_from_records(data, path: str = "results") -> Dict[object, str]:
+  """COCO results [{image_id, caption}, ...] -> {image_id: caption}; the first of an id wins.
+
+  `path` names the source in errors and warnings.
+  """
   if not isinstance(data, list):
     raise InputError(f"{path}: results file must be a JSON list of {{image_id, caption}}")
   res: Dict[object, str] = {}
