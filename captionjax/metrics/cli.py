@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT
   print(f"scoring {len(res)} images ({sum(len(gts[k]) for k in res)} references)",
         file=sys.stderr)
-  scores = metrics.score(gts, res, metrics=names)
+  from captionjax import api  # pylint: disable=import-outside-toplevel
+  scores = api.evaluate(gts, res, metrics=names)
   print(json.dumps(scores))
   return 0
