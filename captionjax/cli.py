@@ -55,8 +55,10 @@ def error_line(e: Exception, default_name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from captionjax import __version__  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog="captionjax", description=__doc__.splitlines()[0])
+  parser.add_argument("--version", action="version", version=f"captionjax {__version__}")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   for name, (module, help_) in SUBCOMMANDS.items():
     p = sub.add_parser(name, help=help_, description=help_)

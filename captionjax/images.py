@@ -122,12 +122,7 @@ def load_pil(source, size: int | tuple[int, int] | None = None,
         im.draft("RGB", (side, side))  # decode at a reduced scale: much faster
       im.load()
       ImageOps.exif_transpose(im, in_place=True)  # in place: no copy when upright
-      im = _to_rgb(im)
-      if size is not None:
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        if im.size != (hw[1], hw[0]):
-          im = im.resize((hw[1], hw[0]), Image.BICUBIC)
-      return im
+      return _rgb_resized(im, size)
   except ImageError:
     raise
   except FileNotFoundError:
@@ -146,6 +141,33 @@ def load_pil(source, size: int | tuple[int, int] | None = None,
     raise ImageError(f"corrupt or truncated image ({msg})") from None
   except Exception as e:  # PIL raises a zoo of errors on hostile input
     raise ImageError(f"cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def _rgb_resized(im: Image.Image, size) -> Image.Image:
+  im = _to_rgb(im)
+  if size is not None:
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if im.size != (hw[1], hw[0]):
+      im = im.resize((hw[1], hw[0]), Image.BICUBIC)
+  return im
+
+
+def from_pil(im: Image.Image, size: int | tuple[int, int] | None = None) -> np.ndarray:
+  """An image already in memory -> uint8 RGB `[H, W, 3]`, as `load_image` treats a file.
+
+  EXIF orientation applied, any mode converted to RGB (transparency on
+  white), then resized (bicubic) to `size` if given. Raises ImageError.
+  """
+  try:
+    w, h = im.size
+    if w < 1 or h < 1:
+      raise ImageError(f"image has no pixels ({w}x{h})")
+    im = ImageOps.exif_transpose(im)  # a copy when it turns: the caller's image is untouched
+    return np.asarray(_rgb_resized(im, size), dtype=np.uint8)
+  except ImageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ImageError(f"cannot convert image ({type(e).__name__}: {e})") from None
 
 
 def encode_image(image, fmt: str = "jpeg", quality: int = 95) -> bytes:

@@ -75,7 +75,7 @@ def caption_lengths(tokens: np.ndarray) -> np.ndarray:
 
 
 class Step:
-  """(state, batch, rng) -> (state, metrics): one self-critical step, for train.run_phase.
+  """(state, batch, rng) -> (state, metrics): one self-critical step, for trainer.run_phase.
 
   Not jitted as a whole: it calls the jitted sampler, scores on the host, and
   calls the jitted update (which donates the state). `batch` holds "row" [B]
@@ -139,7 +139,7 @@ def cnn_mode(config) -> str:
 
 
 def phase_parts(r, states, mode: str, features: dict, say=print):
-  """(step, batch_fn, validator) of the SCST phase of train.Run `r`.
+  """(step, batch_fn, validator) of the SCST phase of trainer.Run `r`.
 
   `features`: split -> cached CNN features (mode "features"), else {}.
   """

@@ -2,7 +2,8 @@
 
     captionjax train --workdir=runs/default [--config=NAME_OR_FILE] [--config.FIELD=VALUE ...]
 
-The training itself is captionjax/train.py (`train_and_evaluate`). Exit
+The training itself is captionjax/trainer.py (`train_and_evaluate`, through the
+public `captionjax.train`). Exit
 status (captionjax/cli.py): 0 done, 1 the run failed (diverged, a full disk),
 2 bad flags, config, data or checkpoints (one line naming it), 128 + signal
 when SIGTERM/SIGINT stopped the run (after a checkpoint).
@@ -38,10 +39,10 @@ def run(args) -> int:
     raise configs.ConfigError(f"unrecognized argument {bad[0]} (config fields are set "
                               "with --config.FIELD=VALUE)")
   config = configs.load_config(args.config, [item[len("--config."):] for item in args.extra])
-  from captionjax import train  # pylint: disable=g-import-not-at-top
+  from captionjax import api  # pylint: disable=g-import-not-at-top
   try:
-    train.train_and_evaluate(config, args.workdir, progress=not args.no_progress,
-                             start_from=args.start_from or None)
+    api.train(config, args.workdir, progress=not args.no_progress,
+              start_from=args.start_from or None)
   except ckpt_lib.Preempted as e:
     print(f"captionjax train: {e}", file=sys.stderr, flush=True)
     return 128 + e.signum

@@ -480,7 +480,7 @@ def test_rerun_when_up_to_date_does_nothing_until_an_input_changes(tmp_path, cap
 def test_karpathy_layout_trains_end_to_end(tmp_path):
   """The one training run of this file: a Karpathy-layout set into train."""
   from captionjax import configs
-  from captionjax import train
+  from captionjax import trainer
   path, root, _ = _karpathy_set(tmp_path)
   out = str(tmp_path / "prepro")
   assert _prepro(f"--karpathy_json={path}", f"--images_root={root}", out=out) == 0
@@ -490,7 +490,7 @@ def test_karpathy_layout_trains_end_to_end(tmp_path):
       "model.input_encoding_size=16", "eval_every_steps=4", "eval_batch_size=2",
       "eval_num_images=1", "checkpoint_every_steps=4", "log_every_steps=2"])
   workdir = str(tmp_path / "run")
-  result = train.train_and_evaluate(c, workdir, progress=False)
+  result = trainer.train_and_evaluate(c, workdir, progress=False)
   assert "CIDEr" in result and result["splits"]["beam_size"] == 2
   caps = json.load(open(os.path.join(workdir, "captions.json"), encoding="utf-8"))
   assert [c["image_id"] for c in caps] == [1003]  # the one test image, by its COCO id

@@ -18,7 +18,7 @@ from captionjax import input_pipeline
 from captionjax import evaluation
 from captionjax import optim
 from captionjax import steps
-from captionjax import train
+from captionjax import trainer
 from captionjax.models import build as build_lib
 from captionjax import vocab as vocab_lib
 from captionjax import weights
@@ -166,7 +166,7 @@ def test_finetune_cnn_after_schedule(mini_dir, tmp_path):
                        eval_every_steps=100, log_every_steps=1, eval_batch_size=4)
   config.extra_test_splits = ()
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir, progress=False)
+  trainer.train_and_evaluate(config, workdir, progress=False)
   p = {s: restore_params(workdir, s) for s in (1, 2, 3, 4)}
   assert [moved(p[s - 1], p[s])["cnn"] for s in (2, 3, 4)] == [False, True, True]
   assert all(moved(p[s - 1], p[s])["lm"] for s in (2, 3, 4))
@@ -214,7 +214,7 @@ def test_training_starts_from_imported_weights(mini_dir, tmp_path):
   cnn, _, _ = build_lib.make_models(config, 10)
   assert cnn.preprocess == "torch"
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir, progress=False)
+  trainer.train_and_evaluate(config, workdir, progress=False)
   got = restore_params(workdir, 1)["cnn"]
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(got)):
     np.testing.assert_array_equal(a, b)  # cached features: the CNN starts and stays imported

@@ -68,7 +68,14 @@ def load_annotations(path: str) -> Dict[object, List[str]]:
 
 def load_results(path: str) -> Dict[object, str]:
   """Reads COCO results into {image_id: caption}; the first caption of an id wins."""
-  data = _load_json(path, "results")
+  return results_from_records(_load_json(path, "results"), path)
+
+
+def results_from_records(data, path: str = "results") -> Dict[object, str]:
+  """COCO results [{image_id, caption}, ...] -> {image_id: caption}; the first of an id wins.
+
+  `path` names the source in errors and warnings.
+  """
   if not isinstance(data, list):
     raise InputError(f"{path}: results file must be a JSON list of {{image_id, caption}}")
   res: Dict[object, str] = {}
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT
   print(f"scoring {len(res)} images ({sum(len(gts[k]) for k in res)} references)",
         file=sys.stderr)
-  scores = metrics.score(gts, res, metrics=names)
+  from captionjax import api  # pylint: disable=import-outside-toplevel
+  scores = api.evaluate(gts, res, metrics=names)
   print(json.dumps(scores))
   return 0

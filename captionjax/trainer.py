@@ -1,7 +1,7 @@
 """`captionjax train`: train a captioner, resuming from --workdir.
 
     captionjax train --workdir=runs/default [--config=NAME_OR_FILE] [--config.FIELD=VALUE ...]
-    python -m captionjax.train --workdir=runs/default ...   (the same)
+    python -m captionjax.trainer --workdir=runs/default ...   (the same)
 
 The run has up to three phases, counted by one global step:
   1. `cnn_pretrain_steps` steps of object recognition (shapes only): the CNN
@@ -394,5 +394,5 @@ def run_phase(r: Run, phase: Phase, state):
   return state
 
 
-if __name__ == "__main__":  # python -m captionjax.train --workdir=W [--config=C] [--config.F=V]
+if __name__ == "__main__":  # python -m captionjax.trainer --workdir=W [--config=C] [--config.F=V]
   sys.exit(cli.main(["train", *sys.argv[1:]]))
