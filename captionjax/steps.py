@@ -116,18 +116,24 @@ def make_caption_step(cnn, lm, tx_lm, tx_cnn, mode: str):
       return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count, bs)
 
     grads, (loss_sum, count, bs) = jax.grad(loss_fn, has_aux=True)(trainable)
-    opt = dict(state["opt_state"])
-    lm_part = {k: trainable[k] for k in LM_KEYS}
-    upd, opt["lm"] = tx_lm.update({k: grads[k] for k in LM_KEYS}, opt["lm"], lm_part)
-    new_params = dict(params, **optax.apply_updates(lm_part, upd))
-    if mode == "finetune":
-      upd, opt["cnn"] = tx_cnn.update(grads["cnn"], opt["cnn"], params["cnn"])
-      new_params["cnn"] = optax.apply_updates(params["cnn"], upd)
+    new_params, opt = _update(state, params, trainable, grads, tx_lm, tx_cnn, mode)
     metrics = {"loss_sum": loss_sum, "count": count}
     return dict(state, step=state["step"] + 1, params=new_params, batch_stats=bs,
                 opt_state=opt), metrics
 
   return step
+
+
+def _update(state, params, trainable, grads, tx_lm, tx_cnn, mode: str):
+  """(params, opt_state) after one optimizer step of the LM (and the CNN when fine-tuned)."""
+  opt = dict(state["opt_state"])
+  lm_part = {k: trainable[k] for k in LM_KEYS}
+  upd, opt["lm"] = tx_lm.update({k: grads[k] for k in LM_KEYS}, opt["lm"], lm_part)
+  new_params = dict(params, **optax.apply_updates(lm_part, upd))
+  if mode == "finetune":
+    upd, opt["cnn"] = tx_cnn.update(grads["cnn"], opt["cnn"], params["cnn"])
+    new_params["cnn"] = optax.apply_updates(params["cnn"], upd)
+  return new_params, opt
 
 
 def make_eval_step(cnn, lm, mode: str):
@@ -272,13 +278,7 @@ def make_scst_step(cnn, lm, tx_lm, tx_cnn, mode: str):
       return loss_sum / count, (loss_sum, count)
 
     grads, (loss_sum, count) = jax.grad(loss_fn, has_aux=True)(trainable)
-    opt = dict(state["opt_state"])
-    lm_part = {k: trainable[k] for k in LM_KEYS}
-    upd, opt["lm"] = tx_lm.update({k: grads[k] for k in LM_KEYS}, opt["lm"], lm_part)
-    new_params = dict(params, **optax.apply_updates(lm_part, upd))
-    if mode == "finetune":
-      upd, opt["cnn"] = tx_cnn.update(grads["cnn"], opt["cnn"], params["cnn"])
-      new_params["cnn"] = optax.apply_updates(params["cnn"], upd)
+    new_params, opt = _update(state, params, trainable, grads, tx_lm, tx_cnn, mode)
     return dict(state, step=state["step"] + 1, params=new_params, opt_state=opt), {
         "loss_sum": loss_sum, "count": count}
 

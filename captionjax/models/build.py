@@ -45,11 +45,13 @@ COMPUTE_DTYPES = ("float32", "bfloat16")  # config.dtype's values
 
 def compute_dtype(config):
   """config.dtype ("float32" or "bfloat16"; absent in older configs: float32) -> the
-  models' compute dtype. The parameters are float32 either way."""
+  models' compute dtype: None for float32 (compute in the parameters' dtype, float32,
+  or float64 in the float64 gradient checks), jnp.bfloat16 for mixed precision. The
+  parameters are float32 either way."""
   name = config.get("dtype", "float32")
   if name not in COMPUTE_DTYPES:
     raise ValueError(f"config.dtype={name!r}: must be one of {COMPUTE_DTYPES}")
-  return jnp.dtype(name)
+  return None if name == "float32" else jnp.dtype(name)
 
 
 def make_models(config, vocab_size: int):
