@@ -71,9 +71,9 @@ class Captioner:
   >>> model                                      # doctest: +ELLIPSIS
   Captioner(workdir='runs/default', step=..., image_size=...)
   >>> caption, = model.caption("photo.jpg")
-  >>> logp = model.score("photo.jpg", caption.text)
-  >>> abs(float(logp[0]) - caption.logprob) < 1e-3  # the same number, two ways
-  True
+  >>> logp = model.score(["photo.jpg"], [[caption.text, "a red circle"]])  # log P(s | image)
+  >>> logp.shape
+  (1, 2)
   """
 
   def __init__(self, model, batch_size: int = 16, seed: int = 0):
@@ -124,14 +124,20 @@ class Captioner:
         resized to the training images' size and center-cropped to the
         model's input.
       beam_size: beams of the beam search (1: greedy).
-      n_best: captions kept per image (`Caption.n_best`), at most `beam_size`.
-      sample: sample each caption from the model instead of searching; the
+      n_best: captions kept per image (`Caption.n_best`), at most `beam_size`
+        (or `num_samples` when sampling).
+      sample: sample captions from the model instead of searching; the
         samples come from this captioner's seeded stream (`load`'s `seed`):
         a fresh captioner repeats them, later calls draw new ones.
       temperature: with `sample`, the softmax temperature (lower: safer).
       length_penalty: the beam search's length normalization exponent
         (None: the training config's).
-      **options: further decoding options of `inference.BatchCaptioner`.
+      **options: the other decoding options, as `captionjax caption`'s flags
+        of the same names (`captionjax.decode.DecodeOptions`): `min_length`
+        (1: no empty caption), `block_trigrams`, `bad_endings` (words a
+        caption may not end on; default: the training config's),
+        `num_groups` and `diversity_lambda` (diverse beam search), `top_k`,
+        `top_p` and `num_samples` (with `sample`).
 
     Returns:
       list of `Caption`, one per image.
@@ -152,21 +158,16 @@ class Captioner:
     >>> same = model.caption([image, Image.open("photo.jpg")])
     >>> [c.text == caption.text for c in same]
     [True, True]
-    >>> sampled = model.caption(["photo.jpg"] * 3, sample=True, temperature=0.8)
-    >>> len(sampled)
+    >>> sampled, = model.caption("photo.jpg", sample=True, num_samples=3, n_best=3)
+    >>> len(sampled.n_best)
     3
     """
     from captionjax import inference  # pylint: disable=g-import-not-at-top
     inputs = _image_list(images)
-    if sample and not temperature > 0:
-      raise ValueError(f"temperature must be > 0 to sample, got {temperature}")
+    options = self._options(beam_size, sample, temperature, length_penalty, options)
     if not inputs:
       return []
-    if length_penalty is None:
-      length_penalty = float(self._model.config.get("length_penalty", 0.0))
-    decoder = self._decoder(len(inputs), beam_size=1 if sample else beam_size, n_best=n_best,
-                            temperature=float(temperature) if sample else 0.0,
-                            length_penalty=float(length_penalty), **options)
+    decoder = self._decoder(len(inputs), n_best, options)
     out = []
     for item in inference.caption_files(decoder, inputs, load=lambda x: (self._prepare(x), None)):
       if not item.ok:
@@ -175,14 +176,31 @@ class Captioner:
       out.append(self._caption(item.captions))
     return out
 
-  def _decoder(self, n: int, **options):
-    """The BatchCaptioner for n images and these options (made and compiled once)."""
+  def _options(self, beam_size, sample, temperature, length_penalty, options):
+    """A decode.DecodeOptions, with `captionjax caption`'s defaults: the length
+    penalty and bad endings of the training config, the rest DecodeOptions'."""
+    from captionjax import decode  # pylint: disable=g-import-not-at-top
+    known = {f.name for f in dataclasses.fields(decode.DecodeOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+      raise TypeError(f"caption() got an unknown decoding option {unknown[0]!r} "
+                      f"(known: {', '.join(sorted(known))})")
+    config = self._model.config
+    if length_penalty is None:
+      length_penalty = float(config.get("length_penalty", 0.0))
+    options = {"bad_endings": config.get("bad_endings", ",".join(decode.BAD_ENDINGS)),
+               **options}
+    return decode.DecodeOptions(
+        beam_size=1 if sample else beam_size, length_penalty=float(length_penalty),
+        sample=bool(sample), temperature=float(temperature) if sample else 1.0, **options)
+
+  def _decoder(self, n: int, n_best: int, options):
+    """The BatchCaptioner for n images, n_best and these DecodeOptions (made once)."""
     from captionjax import inference  # pylint: disable=g-import-not-at-top
-    batch = self._batch(n)
-    key = (batch,) + tuple(sorted((k, repr(v)) for k, v in options.items()))
+    key = (self._batch(n), n_best, options)
     if key not in self._decoders:
       self._decoders[key] = inference.BatchCaptioner(
-          self._model, batch_size=batch, seed=self._seed, **options)
+          self._model, batch_size=key[0], n_best=n_best, seed=self._seed, options=options)
     return self._decoders[key]
 
   def _batch(self, n: int) -> int:

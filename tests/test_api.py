@@ -139,6 +139,14 @@ def test_caption_inputs_match_the_command(tmp_path, workdir, photos):
       assert c.logprob == pytest.approx(r["logprob"], abs=1e-4)
       assert [(x.text, round(x.logprob, 5)) for x in c.n_best] == [
           (x["caption"], x["logprob"]) for x in r["n_best"]]
+  # Decoding options pass through as the command's flags of the same names.
+  assert cli.main(["caption", f"--checkpoint={workdir}", f"--images={os.path.dirname(photos[0])}",
+                   f"--output={out}", "--no_progress", "--beam_size=1", "--block_trigrams",
+                   "--bad_endings=none", "--min_length=2"]) == 0
+  expect = {r["file_name"]: r["caption"] for r in json.loads(out.read_text())}
+  got = m.caption(photos, beam_size=1, block_trigrams=True, bad_endings="none", min_length=2)
+  assert [c.text for c in got] == [expect[os.path.basename(p)] for p in photos]
+  assert got != m.caption(photos, beam_size=1)  # the options changed something
   # One image alone, and a uint8 batch [N, H, W, 3] of same-sized images.
   assert [c.text for c in m.caption(photos[1], beam_size=3)] == [ref[1]["caption"]]
   batch = np.stack([arrays[1], arrays[1][::-1]])
@@ -169,12 +177,20 @@ def test_sampling_stream(workdir, photos):
   assert [c.text for c in b.caption(photos * 2, sample=True)] == first  # same seed, same samples
   later = [c.text for c in a.caption(photos * 2, sample=True)]
   assert later != first  # the stream moves on
+  # Several samples per image come back as n_best, likeliest first.
+  c, = a.caption(photos[0], sample=True, num_samples=3, n_best=3)
+  assert len(c.n_best) == 3 and c.n_best[0].text == c.text
+  assert [x.logprob for x in c.n_best] == sorted((x.logprob for x in c.n_best), reverse=True)
   with pytest.raises(ValueError, match="temperature"):
     a.caption(photos[0], sample=True, temperature=0.0)
   with pytest.raises(ValueError, match="n_best"):
     a.caption(photos[0], sample=True, n_best=2)
   with pytest.raises(ValueError, match="n_best"):
     a.caption(photos[0], beam_size=2, n_best=3)
+  with pytest.raises(TypeError, match="unknown decoding option 'top_q'"):
+    a.caption(photos[0], sample=True, top_q=0.9)
+  with pytest.raises(ValueError, match="top_p"):
+    a.caption([], sample=True, top_p=2.0)  # checked even with nothing to caption
 
 
 def test_bad_inputs(tmp_path, workdir, photos):
@@ -321,10 +337,20 @@ def test_trained_run(trained_workdir):
     data = input_pipeline.load_split(json.load(f)["dataset"], "test")
   with open(os.path.join(trained_workdir, "captions.json"), encoding="utf-8") as f:
     trainer = {c["image_id"]: c for c in json.load(f)}
-  got = captionjax.load(trained_workdir).caption(data.images[:4])
+  m = captionjax.load(trained_workdir)
+  got = m.caption(data.images[:4])
   for i, c in enumerate(got):
     assert c.text == trainer[int(data.image_id[i])]["caption"]
     assert c.logprob == pytest.approx(trainer[int(data.image_id[i])]["logprob"], abs=1e-3)
+  # A caption that ends (END within max_length words): its decoder log-probability is
+  # the teacher-forced one, whatever the decoding rules masked to choose it.
+  max_length = m._model.max_length  # pylint: disable=protected-access
+  ended = [(i, c) for k in (0, 2)
+           for i, c in enumerate(m.caption(data.images[:2], min_length=k, bad_endings="none"))
+           if len(c.text.split()) <= max_length]
+  assert ended
+  logp = m.score(data.images[[i for i, _ in ended]], [c.text for _, c in ended])
+  np.testing.assert_allclose(logp, [c.logprob for _, c in ended], atol=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -344,20 +370,19 @@ def dist(tmp_path_factory):
 
 
 # Run by the installed package, in the doctests' folder: the acceptance line,
-# where captionjax came from, then every doctest of the API (a report of failures).
+# where captionjax came from, then every doctest of the API (failures reported).
 _IN_VENV = """
 import sys
 import captionjax
 assert "tensorflow" not in sys.modules and "jax" not in sys.modules, sorted(sys.modules)
 m = captionjax.load('runs/default'); print(m.caption('photo.jpg')[0].text)
-print(captionjax.__file__)
+print("FILE", captionjax.__file__)
 import doctest, captionjax.api
 for module in (captionjax.api, captionjax):
   runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
   for test in doctest.DocTestFinder().find(module):
-    runner.run(test, out=sys.stderr.write)
-  failed, attempted = runner.summarize(verbose=False)
-  print(module.__name__, failed, attempted)
+    runner.run(test, out=sys.stdout.write)
+  print("DOCTESTS", module.__name__, runner.failures, runner.tries)
 """
 
 
@@ -370,7 +395,8 @@ def test_wheel_in_fresh_venv(dist, doc_dir, jax_compilation_cache):
   with zipfile.ZipFile(wheel) as z:
     names = set(z.namelist())
   assert {"captionjax/__init__.py", "captionjax/api.py", "captionjax/configs/default.py",
-          "captionjax/metrics/cider.py", "captionjax/models/lm.py"} <= names
+          "captionjax/metrics/cider.py", "captionjax/models/lm.py",
+          "captionjax/static/index.html"} <= names
   assert not any(n.startswith("tests/") for n in names)
 
   # A fresh env holding only the wheel; its dependencies come from this
@@ -386,7 +412,8 @@ def test_wheel_in_fresh_venv(dist, doc_dir, jax_compilation_cache):
   with open(os.path.join(site, "_captionjax_test_deps.pth"), "w", encoding="utf-8") as f:
     f.write("\n".join(deps) + "\n")
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-  env.update(TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=jax_compilation_cache,
+  env.update(TF_CPP_MIN_LOG_LEVEL="3", CAPTIONJAX_METEOR="0",  # no Java start (train's example)
+             JAX_COMPILATION_CACHE_DIR=jax_compilation_cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=doc_dir,
@@ -398,14 +425,13 @@ def test_wheel_in_fresh_venv(dist, doc_dir, jax_compilation_cache):
   assert out.returncode == 0 and "caption" in out.stdout, out
   out = run(python, "-c", _IN_VENV)
   assert out.returncode == 0, out.stderr[-5000:]
-  text, where, api_line, init_line = out.stdout.splitlines()[-4:]
-  assert where.startswith(site), where
-  assert text == captionjax.load(doc_dir / "runs" / "default").caption(
+  lines = out.stdout.splitlines()
+  assert lines[0] == captionjax.load(doc_dir / "runs" / "default").caption(
       str(doc_dir / "photo.jpg"))[0].text
-  for line, name, least in ((api_line, "captionjax.api", 30), (init_line, "captionjax", 2)):
-    module, failed, attempted = line.split()
-    assert (module, failed) == (name, "0"), out.stderr[-5000:]
-    assert int(attempted) >= least
+  assert lines[1] == f"FILE {site}/captionjax/__init__.py"
+  results = [line.split()[1:] for line in lines if line.startswith("DOCTESTS ")]
+  assert [r[:2] for r in results] == [["captionjax.api", "0"], ["captionjax", "0"]], out.stdout
+  assert int(results[0][2]) >= 30 and int(results[1][2]) >= 2
 
 
 def test_api_docs_build(tmp_path):
