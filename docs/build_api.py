@@ -28,6 +28,11 @@ def main(argv=None) -> int:
   import captionjax  # pylint: disable=g-import-not-at-top
   pdoc.render.configure(docformat="google", footer_text=f"captionjax {captionjax.__version__}",
                         template_directory=pathlib.Path(ROOT, "docs", "templates"))
+  # pdoc takes a name of __all__ missing from the package's namespace (the API is
+  # imported lazily) for a submodule and imports it: captionjax/train.py (`python -m
+  # captionjax.train`, never imported) would replace the function captionjax.train.
+  for name in captionjax.__all__:
+    getattr(captionjax, name)  # resolved into the namespace first
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     try:
