@@ -26,7 +26,6 @@ holds what the phases share. B: images per batch.
 """
 
 import dataclasses
-import functools
 import os
 import signal
 import sys
@@ -108,7 +107,8 @@ class Run:
     self.saved_step = self.step
 
 
-say = functools.partial(print, file=sys.stderr, flush=True)
+def say(msg) -> None:  # sys.stderr looked up at each call (tests swap it)
+  print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- the loop
