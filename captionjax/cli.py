@@ -18,6 +18,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
@@ -106,6 +107,7 @@ def run_command(prog: str, fn, debug: bool = False) -> int:
   sys.stdout = _Stdout(real_stdout)
   if not debug:
     sys.excepthook = _quiet_closed_loop(sys.excepthook)
+    threading.excepthook = _quiet_closed_loop_thread(threading.excepthook)
   try:
     status = int(fn() or 0)
     sys.stdout.flush()  # a full disk on stdout shows here, not at exit
@@ -142,6 +144,15 @@ def _quiet_closed_loop(hook):
     if kind is RuntimeError and str(value) == "Event loop is closed":
       return
     hook(kind, value, tb)
+  return quiet
+
+
+def _quiet_closed_loop_thread(hook):
+  """threading.excepthook without 'Event loop is closed' (as _quiet_closed_loop)."""
+  def quiet(args):
+    if args.exc_type is RuntimeError and str(args.exc_value) == "Event loop is closed":
+      return
+    hook(args)
   return quiet
 
 
