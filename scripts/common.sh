@@ -47,6 +47,7 @@ if [ "$DRY_RUN" = 1 ]; then
   IMAGE_SIZE=32            # VGG16 on 32x32 images (fc1 sized for it): seconds on a CPU
   FROZEN_STEPS=2           # caption steps with the CNN frozen (cached fc7 features)
   TOTAL_STEPS=4            # then fine-tuning up to this step
+  SCST_STEPS=2             # then self-critical training (CIDEr-D reward) for this many steps
   TEST_IMAGES=4            # the stand-in test split
   PREPRO_FLAGS=(--num_workers=1 --no_progress)
   CURL_FLAGS=(-sS)
@@ -58,14 +59,20 @@ else
   IMAGE_SIZE=224
   FROZEN_STEPS=100000
   TOTAL_STEPS=250000
+  SCST_STEPS=106200        # experiments/coco_vgg16/config.py's scst_steps: 15 epochs
   TEST_IMAGES=5000         # Karpathy's test split
   PREPRO_FLAGS=()
   TRAIN_FLAGS=()
   CURL_FLAGS=(--progress-bar)
 fi
+FINAL_STEPS=$((TOTAL_STEPS + SCST_STEPS))
 DATA="$ROOT/data/coco_$IMAGE_SIZE"  # prepro's records (03)
 COMMON_TRAIN_FLAGS=(--config="$CONFIG" --workdir="$RUN" --config.dataset="$DATA"
                     --config.model.cnn_weights="$WEIGHTS" --config.beam_size=2)
+# Stage 3 (05_train.sh), and 06_evaluate.sh's re-run of its final test.
+SCST_TRAIN_FLAGS=("${COMMON_TRAIN_FLAGS[@]}" ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}
+                  --config.cached_features=False --config.finetune_cnn_after=0
+                  --config.num_train_steps="$TOTAL_STEPS" --config.scst_steps="$SCST_STEPS")
 
 say() { echo "[$SCRIPT] $*"; }
 die() { echo "[$SCRIPT] error: $*" >&2; exit 1; }

@@ -2,8 +2,8 @@
 
 The dry run fetches stand-ins of COCO, Karpathy's splits and the VGG16 weight
 file from local files (scripts/dry_run_data.py; no network), preprocesses at
-32 pixels, imports the weights, trains 2 frozen-CNN and 2 fine-tuning steps
-and writes the final scores.json, through the same scripts a user runs on a
+32 pixels, imports the weights, trains 2 frozen-CNN, 2 fine-tuning and 2
+self-critical steps and writes the final scores.json, through the same scripts a user runs on a
 GPU machine. A second pass over the scripts must redo nothing.
 """
 
@@ -39,14 +39,15 @@ def test_scripts_dry_run_end_to_end_and_resumable(tmp_path, jax_compilation_cach
 
   with open(os.path.join(root, "scores.json"), encoding="utf-8") as f:
     scores = json.load(f)
-  assert scores["test_images"] == 4 and scores["beam_size"] == 2 and scores["step"] == 4
-  for stage in ("finetuned", "frozen_cnn"):
+  assert scores["test_images"] == 4 and scores["beam_size"] == 2 and scores["step"] == 6
+  for stage in ("scst", "finetuned", "frozen_cnn"):
     assert {"Bleu_4", "ROUGE_L", "CIDEr"} <= set(scores[stage]), scores
   checked = open(os.path.join(root, "downloads", "SHA256SUMS"), encoding="utf-8").read().split()
   assert len(checked) == 8  # four files: "<sha256> <name>"
   with open(os.path.join(root, "runs", "coco_vgg16", "train_log.jsonl"), encoding="utf-8") as f:
     log = [json.loads(line) for line in f]
-  assert sorted(r["step"] for r in log if "loss" in r) == [1, 2, 3, 4]
+  assert sorted(r["step"] for r in log if "loss" in r) == [1, 2, 3, 4, 5, 6]
+  assert [r["phase"] for r in log if r["step"] in (5, 6) and "loss" in r] == ["scst", "scst"]
 
   # Every step is done: a second pass redoes nothing (and trains no step).
   mtime = os.path.getmtime(os.path.join(root, "scores.json"))
@@ -56,6 +57,7 @@ def test_scripts_dry_run_end_to_end_and_resumable(tmp_path, jax_compilation_cach
   assert "already" in out["04_import_weights.sh"]
   assert "stage 1 (frozen CNN) done already" in out["05_train.sh"]
   assert "stage 2 (fine-tuning) done already" in out["05_train.sh"]
+  assert "stage 3 (self-critical training) done already" in out["05_train.sh"]
   assert "up to date" in out["06_evaluate.sh"]
   assert os.path.getmtime(os.path.join(root, "scores.json")) >= mtime
 
