@@ -2,6 +2,7 @@
 
     captionjax serve --checkpoint=runs/default [--host=127.0.0.1 --port=8080]
         [--beam_size=2 --max_beam_size=3 --max_batch=32 --max_wait_ms=10]
+        [--min_length=1 --block_trigrams --bad_endings=WORDS]
         [--max_bytes=16777216 --max_pixels=50000000 --max_images=64]
         [--timeout_s=30 --max_queue=256 --api_key=KEY (or $CAPTIONJAX_API_KEY)]
 
@@ -91,6 +92,13 @@ def add_arguments(p):
                  help="requests may ask for beam sizes 1..N (each is compiled at start-up)")
   p.add_argument("--length_penalty", type=float, default=None,
                  help="beam search length normalization exponent (default: the training config's)")
+  p.add_argument("--min_length", type=int, default=1,
+                 help="no END before this many words (0 allows an empty caption)")
+  p.add_argument("--block_trigrams", action="store_true",
+                 help="forbid a word that would repeat a trigram of the caption")
+  p.add_argument("--bad_endings", default=None, metavar="WORDS",
+                 help="comma-separated words a caption may not end on; 'none' for no such rule "
+                      "(default: the training config's, else a list of function words)")
   p.add_argument("--max_batch", type=int, default=32, help="most images in one model call")
   p.add_argument("--max_wait_ms", type=float, default=10.0,
                  help="how long the oldest queued image waits for others to join its batch")
@@ -231,12 +239,12 @@ class Batcher:
   """
 
   def __init__(self, model, beam_sizes: Sequence[int], sizes: Sequence[int],
-               length_penalty: float, max_wait_s: float, max_queue: int, metrics: Metrics,
-               attention: bool = True):
+               options: decode.DecodeOptions, max_wait_s: float, max_queue: int,
+               metrics: Metrics, attention: bool = True):
     self.model = model
     self.attention = attention and inference.attention_regions(model) > 0
     self.beam_sizes, self.sizes = tuple(beam_sizes), tuple(sizes)
-    self.length_penalty = length_penalty
+    self.options = options  # the beam size is each program's own
     self.max_wait_s, self.max_queue = max_wait_s, max_queue
     self.metrics = metrics
     self.programs: Dict[Tuple[int, int], object] = {}
@@ -262,8 +270,9 @@ class Batcher:
       beam, size = key
       if self._stop:
         return
-      p = inference.BatchCaptioner(self.model, batch_size=size, beam_size=beam, n_best=beam,
-                                   length_penalty=self.length_penalty, attention=self.attention)
+      p = inference.BatchCaptioner(self.model, batch_size=size, n_best=beam,
+                                   options=self.options.replace(beam_size=beam),
+                                   attention=self.attention)
       p.run(np.zeros((size, s, s, 3), np.uint8))  # compiles everything a call runs
       with self._cond:
         self.programs[key] = p
@@ -777,7 +786,9 @@ class Server:
         "image_size": m.image_size, "input_size": m.input_size, "max_length": m.max_length,
         "attention": self.attention_info, "beam_size": self.default_beam,
         "beam_sizes": list(b.beam_sizes), "batch_sizes": list(b.sizes),
-        "max_wait_ms": round(b.max_wait_s * 1000, 3), "length_penalty": b.length_penalty,
+        "max_wait_ms": round(b.max_wait_s * 1000, 3),
+        "length_penalty": b.options.length_penalty, "min_length": b.options.min_length,
+        "block_trigrams": b.options.block_trigrams, "bad_endings": list(b.options.bad_endings),
         "limits": dataclasses.asdict(self.limits), "ready": b.ready.is_set(),
         "config": m.config.to_dict()})
 
@@ -791,6 +802,22 @@ class Server:
 
 
 # ---------------------------------------------------------------- command
+
+
+def decode_options(args, config) -> decode.DecodeOptions:
+  """The decoding of every request (its beam size aside): length_penalty and
+  bad_endings default to the training config's. ValueError names a bad flag."""
+  lp = args.length_penalty
+  if lp is None:
+    lp = float(config.get("length_penalty", 0.0))
+  bad = args.bad_endings
+  if bad is None:
+    bad = config.get("bad_endings", ",".join(decode.BAD_ENDINGS))
+  try:
+    return decode.DecodeOptions(length_penalty=lp, min_length=args.min_length,
+                                block_trigrams=args.block_trigrams, bad_endings=bad)
+  except ValueError as e:
+    raise ValueError(f"--{e}") from None
 
 
 def build(args, model=None) -> Server:
@@ -812,12 +839,10 @@ def build(args, model=None) -> Server:
   limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels,
                   max_images=args.max_images, max_queue=args.max_queue, timeout_s=args.timeout_s)
   limits.check()
-  lp = args.length_penalty
-  if lp is None:
-    lp = float(model.config.get("length_penalty", 0.0))
   metrics = Metrics()
   metrics.listen_to_jax()
-  batcher = Batcher(model, range(1, args.max_beam_size + 1), batch_sizes(args.max_batch), lp,
+  batcher = Batcher(model, range(1, args.max_beam_size + 1), batch_sizes(args.max_batch),
+                    decode_options(args, model.config),
                     args.max_wait_ms / 1000.0, limits.max_queue, metrics,
                     attention=not args.no_attention)
   api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV, "")

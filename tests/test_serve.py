@@ -275,6 +275,8 @@ def test_healthz_model_and_page(server, trained_workdir):
   assert info["beam_sizes"] == [1, 2] and info["batch_sizes"] == [1, 4]
   assert info["attention"] == {"grid": [3, 3], "region": [0.0, 0.0, 1.0, 1.0]}
   assert info["limits"]["max_bytes"] == MAX_BYTES
+  assert (info["min_length"], info["block_trigrams"]) == (1, False)
+  assert ",".join(info["bad_endings"]) == config["bad_endings"]
   status, hdrs, page = _request(server.base + "/")
   assert status == 200 and hdrs["content-type"].startswith("text/html")
   assert 'id="files"' in page and "textContent" in page
@@ -506,6 +508,23 @@ def test_bad_command_lines_exit_2(tmp_path, capsys):
     assert cli.main(["serve", f"--checkpoint={tmp_path}",
                      f"--port={busy.getsockname()[1]}"]) == 2
     assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+
+
+def test_decoding_flags():
+  import argparse  # pylint: disable=g-import-not-at-top
+  from captionjax import decode, serve  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser()
+  serve.add_arguments(p)
+  args = p.parse_args(["--checkpoint=x", "--min_length=2", "--block_trigrams",
+                       "--bad_endings=a,the"])
+  assert serve.decode_options(args, {"length_penalty": 0.5}) == decode.DecodeOptions(
+      length_penalty=0.5, min_length=2, block_trigrams=True, bad_endings=("a", "the"))
+  args = p.parse_args(["--checkpoint=x"])
+  assert serve.decode_options(args, {"bad_endings": "with"}).bad_endings == ("with",)
+  assert serve.decode_options(args, {}).bad_endings == decode.BAD_ENDINGS
+  args = p.parse_args(["--checkpoint=x", "--bad_endings=none", "--min_length=-1"])
+  with pytest.raises(ValueError, match="--min_length=-1"):
+    serve.decode_options(args, {})
 
 
 def test_batch_sizes():
