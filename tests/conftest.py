@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# METEOR starts Java (about 12 s of CPU) at every final test: the suite's
+# training runs, in process and in subprocesses, score without it, except the
+# session's trained_workdir and the tests that check METEOR (`meteor_on`).
+os.environ.setdefault("CAPTIONJAX_METEOR", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top
 
@@ -20,6 +24,12 @@ def jax_compilation_cache(tmp_path_factory):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
+
+
+@pytest.fixture
+def meteor_on(monkeypatch):
+  """METEOR scored (the suite turns it off elsewhere: see the top of this file)."""
+  monkeypatch.setenv("CAPTIONJAX_METEOR", "1")
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +120,8 @@ def trained_workdir(tmp_path_factory, shapes_dir):
   jax_logger = logging.getLogger("jax")
   jax_logger.addHandler(handler)
   monitor.Logger.log = log
+  meteor = os.environ.get("CAPTIONJAX_METEOR")
+  os.environ["CAPTIONJAX_METEOR"] = "1"  # its scores.json has every metric
   try:
     with jax.log_compiles(True):
       rc = cli.main(["train", f"--workdir={workdir}", "--no_progress",
@@ -117,6 +129,7 @@ def trained_workdir(tmp_path_factory, shapes_dir):
   finally:
     monitor.Logger.log = orig_log
     jax_logger.removeHandler(handler)
+    os.environ["CAPTIONJAX_METEOR"] = meteor
   assert rc == 0, f"captionjax train exited with {rc}"
   with open(workdir + ".events.txt", "w", encoding="utf-8") as f:
     f.write("\n".join(events) + "\n")

@@ -156,7 +156,7 @@ def test_cider_batched_candidates_and_token_ids(tokenized_sets):
 
 
 @needs_java
-def test_score_matches_pycocoevalcap_end_to_end():
+def test_score_matches_pycocoevalcap_end_to_end(meteor_on):
   """Raw text in: tokenization + all four metrics, corpus and per image."""
   from pycocoevalcap.bleu.bleu import Bleu
   from pycocoevalcap.cider.cider import Cider
@@ -194,7 +194,7 @@ def test_score_subset_and_errors(capsys):
     metrics.score(gts, res, metrics=("blue",))
 
 
-def test_meteor_without_java_warns(monkeypatch, capsys):
+def test_meteor_without_java_warns(monkeypatch, capsys, meteor_on):
   from captionjax.metrics import meteor
   monkeypatch.setattr(meteor.shutil, "which", lambda name: None)
   gts, res = make_sets(6, 10)
