@@ -1,7 +1,5 @@
 """`python -m captionjax`: the `captionjax` command."""
 
-import sys
+from captionjax.cli import entry
 
-from captionjax.cli import main
-
-sys.exit(main())
+entry()

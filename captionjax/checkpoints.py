@@ -28,6 +28,12 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be used; str(e) is one line naming it."""
 
 
+class RestoreError(CheckpointError):
+  """Orbax failed to read a checkpoint: the command ends at once (cli.entry),
+  TensorStore's reads of it still outstanding."""
+  exit_at_once = True
+
+
 def vocab_digest(words) -> str:
   """A short digest of the vocabulary's words, in order."""
   return hashlib.sha256("\n".join(words).encode("utf-8")).hexdigest()[:16]
@@ -221,7 +227,7 @@ def restore_state(ckpt: Checkpointer, step: int, target, older_target=None):
   except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
     if older_target is not None:
       return restore_state(ckpt, step, older_target)
-    raise CheckpointError(f"{ckpt.path(step)}: cannot restore ({_first_line(e)}): "
+    raise RestoreError(f"{ckpt.path(step)}: cannot restore ({_first_line(e)}): "
                           "use a new --workdir or delete that step") from None
 
 
@@ -244,7 +250,7 @@ def load_start_from(other: str, config, vocab, params, batch_stats, say):
     try:
       saved = src.restore(step, None)  # as saved: numpy arrays
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"--start_from={src.path(step)}: cannot restore "
+      raise RestoreError(f"--start_from={src.path(step)}: cannot restore "
                             f"({_first_line(e)})") from None
   finally:
     src.manager.close()

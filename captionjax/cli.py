@@ -97,6 +97,29 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
   """--help shows each flag's default, and descriptions and epilogs as written."""
 
 
+# Set by run_command when the command failed with an error that leaves native
+# threads behind (an exception with `exit_at_once`: a failed Orbax restore);
+# `entry` then ends the process without the interpreter's shutdown.
+_exit_at_once = False
+
+
+def entry() -> None:
+  """The `captionjax` command (console script, `python -m captionjax[.cli]`).
+
+  After a failed checkpoint restore, TensorStore's outstanding reads still
+  call back into Python while the interpreter shuts down, each printing a
+  traceback ('Event loop is closed') that no hook can catch at that stage: the
+  process then ends with os._exit once its output is flushed (nothing else
+  had been done).
+  """
+  status = main()
+  if _exit_at_once:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)
+
+
 def run_command(prog: str, fn, debug: bool = False) -> int:
   """fn() -> exit status, with known errors as one line (status 2) and Ctrl-C as 130.
 
@@ -108,6 +131,7 @@ def run_command(prog: str, fn, debug: bool = False) -> int:
   if not debug:
     sys.excepthook = _quiet_closed_loop(sys.excepthook)
     threading.excepthook = _quiet_closed_loop_thread(threading.excepthook)
+    sys.unraisablehook = _quiet_closed_loop_unraisable(sys.unraisablehook)
   try:
     status = int(fn() or 0)
     sys.stdout.flush()  # a full disk on stdout shows here, not at exit
@@ -127,6 +151,8 @@ def run_command(prog: str, fn, debug: bool = False) -> int:
           RuntimeError) as e:
     if debug or isinstance(e, RuntimeError) and not hasattr(e, "exit_status"):
       raise
+    global _exit_at_once  # pylint: disable=global-statement
+    _exit_at_once = getattr(e, "exit_at_once", False)
     known = isinstance(e, (OSError, ValueError)) or hasattr(e, "exit_status")
     print(f"{prog}: error: {error_line(e, '')}" + ("" if known else f" ({type(e).__name__}; "
           "run with --debug for the traceback)"), file=sys.stderr, flush=True)
@@ -153,6 +179,17 @@ def _quiet_closed_loop_thread(hook):
     if args.exc_type is RuntimeError and str(args.exc_value) == "Event loop is closed":
       return
     hook(args)
+  return quiet
+
+
+def _quiet_closed_loop_unraisable(hook):
+  """sys.unraisablehook without 'Event loop is closed' (as _quiet_closed_loop):
+  TensorStore's callbacks report through it."""
+  def quiet(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    hook(unraisable)
   return quiet
 
 
@@ -192,4 +229,4 @@ def _quiet_stdout(stream) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  entry()
