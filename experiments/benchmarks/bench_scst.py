@@ -58,8 +58,11 @@ def main():
                                     seed=0)
   rng = jax.random.PRNGKey(0)
   times = {"sample": [], "reward": [], "update": [], "scst_step": [], "xe_step": []}
-  s_state = states.scst(params, bs, 0)
-  x_state = states.caption(params, bs, 0)
+  # Each state owns its arrays: both updates donate their state, and the two
+  # states would otherwise share the parameters' buffers.
+  own = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
+  s_state = own(states.scst(params, bs, 0))
+  x_state = own(states.caption(params, bs, 0))
   for i in range(args.repeats + 2):  # 2 warm-up steps (compilation)
     b = next(it)
     batch = {"row": b["row"], "features": jnp.asarray(feats[b["row"]])}
