@@ -159,60 +159,57 @@ def run_split(args, ranker) -> int:
   return EXIT_OK
 
 
+def _top(scores: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+  """The k best of a row's scores, ties ordered with the ground truth last (as
+  ranking.ranks counts them: a ground truth shown in the top k has rank <= k)."""
+  return np.lexsort((truth, -scores))[:k]
+
+
 def demo_content(ranker, data, scores, tokens, image_of, feats, top: int = 5,
                  max_items: int = -1):
   """(queries, images) for rank_page.render: each sentence's top images (with the
   ground truth when missed) and word alignments, each image's top sentences."""
   from captionjax import ranking  # pylint: disable=g-import-not-at-top
-  vocab = ranker.model.vocab
+  words_of = ranker.model.vocab.words
   m, n = scores.shape
   sentence_rank, image_rank = ranking.ranks(scores, image_of)
   top = min(top, n)
   shown_m = m if max_items < 0 else min(m, max_items)
   shown_n = n if max_items < 0 else min(n, max_items)
-  order = np.argsort(-scores[:shown_m], axis=1, kind="stable")[:, :top]  # -> [m', top]
-  pairs = []  # (sentence, image) of every figure, in page order
+  figures = []  # per sentence: [(image, rank)], the top ones then the missed ground truth
   for i in range(shown_m):
-    pairs += [(i, int(j)) for j in order[i]]
-    if image_of[i] not in order[i]:
-      pairs.append((i, int(image_of[i])))
-  pm = np.array([p[0] for p in pairs])
-  pn = np.array([p[1] for p in pairs])
-  aligned = ranker.groundings(feats[pn], tokens[pm]) if pairs else None
+    best = _top(scores[i], np.arange(n) == image_of[i], top)
+    figures.append([(int(j), r + 1) for r, j in enumerate(best)])
+    if image_of[i] not in best:
+      figures[-1].append((int(image_of[i]), int(image_rank[i])))
+  pm = np.array([i for i, f in enumerate(figures) for _ in f], np.int64)
+  pn = np.array([j for f in figures for j, _ in f], np.int64)
+  aligned = ranker.groundings(feats[pn], tokens[pm]) if len(pm) else None
+  texts = [[words_of[t - 1] for t in row if t > 0] for row in tokens]
   queries, k = [], 0
-  for i in range(shown_m):
-    words = [vocab.words[t - 1] if 0 < t <= len(vocab) else "UNK" for t in tokens[i] if t > 0]
-    hits, missed = [], None
-    for j in list(order[i]) + ([image_of[i]] if image_of[i] not in order[i] else []):
-      j = int(j)
+  for i, figs in enumerate(figures):
+    hits = []
+    for j, rank in figs:
       align = None
       if aligned is not None:
         align = [[int(aligned[1][k, t]), round(float(aligned[0][k, t]), 3)]
-                 for t in range(len(words))]
-      rank = image_rank[i] if j == image_of[i] else 1 + int((scores[i] > scores[i, j]).sum())
-      hit = {"image_id": int(data.image_id[j]), "score": float(scores[i, j]), "rank": int(rank),
-             "correct": j == image_of[i], "align": align}
-      if len(hits) < top:
-        hits.append(hit)
-      else:
-        missed = hit
+                 for t in range(len(texts[i]))]
+      hits.append({"image_id": int(data.image_id[j]), "score": float(scores[i, j]),
+                   "rank": rank, "correct": j == image_of[i], "align": align})
       k += 1
-    queries.append({"words": words, "image_id": int(data.image_id[image_of[i]]),
-                    "hits": hits, "missed": missed})
-  texts = [" ".join(vocab.words[t - 1] if 0 < t <= len(vocab) else "UNK"
-                    for t in row if t > 0) for row in tokens]
+    queries.append({"words": texts[i], "image_id": int(data.image_id[image_of[i]]),
+                    "hits": hits[:top], "missed": hits[top] if len(hits) > top else None})
   images = []
   for j in range(shown_n):
-    col = scores[:, j]
-    best = np.argsort(-col, kind="stable")[:top]
-    sents = [{"text": texts[i], "score": float(col[i]), "rank": r + 1,
-              "correct": bool(image_of[i] == j)} for r, i in enumerate(best)]
+    col, own = scores[:, j], image_of == j
+    best = _top(col, own, top)
+    sents = [{"text": " ".join(texts[i]), "score": float(col[i]), "rank": r + 1,
+              "correct": bool(own[i])} for r, i in enumerate(best)]
     missed = None
-    if not any(s["correct"] for s in sents):
-      own = np.nonzero(image_of == j)[0]
-      i = int(own[np.argmax(col[own])])
-      missed = {"text": texts[i], "score": float(col[i]), "rank": int(sentence_rank[j]),
-                "correct": True}
+    if not own[best].any():
+      i = int(np.flatnonzero(own)[np.argmax(col[own])])
+      missed = {"text": " ".join(texts[i]), "score": float(col[i]),
+                "rank": int(sentence_rank[j]), "correct": True}
     images.append({"image_id": int(data.image_id[j]), "file_name": data.file_name[j],
                    "sentences": sents, "missed": missed})
   return queries, images

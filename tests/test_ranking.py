@@ -327,6 +327,10 @@ def test_rank_command_and_demo_page(ranking_workdir, tmp_path):
   # Every sentence shows its ground truth: in the top 5 (green) or after them (yellow).
   assert correct + missed == 100 and len(figures) == 500 + missed
   assert correct == round(got["image_retrieval"]["R@5"])
+  annotated = [a["class"] for t, a in page.attrs if t == "img"
+               and a.get("class") in ("correct", "missed")]
+  assert len(annotated) == 20
+  assert annotated.count("correct") == round(got["sentence_retrieval"]["R@5"] * 20 / 100)
   words = json.loads(queries[0]["data-words"])
   align = json.loads(figures[0]["data-align"])
   assert len(align) == len(words) and all(0 <= a[0] < 9 for a in align)
@@ -435,8 +439,12 @@ def test_bad_input_is_one_line(ranking_workdir, trained_workdir, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and want in err[0], err
   # caption and perplexity refuse the ranking model, naming `captionjax rank`.
-  assert cli.main(["caption", f"--checkpoint={ranking_workdir}", f"--images={tmp_path}"]) == 2
-  assert "captionjax rank" in capsys.readouterr().err
+  from PIL import Image
+  Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+  for cmd in (["caption", f"--images={tmp_path / 'x.png'}"], ["perplexity"]):
+    assert cli.main([cmd[0], f"--checkpoint={ranking_workdir}", *cmd[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "captionjax rank" in err[0], err
 
 
 def test_start_from_a_captioner_takes_its_cnn(trained_workdir, shapes_dir):
