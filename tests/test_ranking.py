@@ -27,6 +27,13 @@ def _tokens(rng, m, t, vocab_size, min_words=1):
   return out
 
 
+def _random_params(module, rng, *args, scale=0.5):
+  """Random parameters of `module`'s shapes (biases too; no initializer compiled)."""
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)["params"]
+  return jax.tree_util.tree_map(
+      lambda x: (scale * rng.normal(size=x.shape)).astype(np.float32), shapes)
+
+
 # ---------------------------------------------------------------- the score
 
 
@@ -68,11 +75,9 @@ def test_sentence_rnn_matches_numpy_recurrence():
   tokens = _tokens(rng, m, t, v)
   tokens[0, :] = rng.integers(1, v + 1, t)  # one sentence without padding
   rnn = ranking_lib.SentenceRNN(v, e, h)
-  params = rnn.init(jax.random.PRNGKey(0), jnp.asarray(tokens))["params"]
-  params = jax.tree_util.tree_map(  # biases away from zero, so that they are tested too
-      lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32), params)
+  params = _random_params(rnn, rng, jnp.asarray(tokens))  # biases non-zero: tested too
   with jax.default_matmul_precision("highest"):
-    got = np.asarray(rnn.apply({"params": params}, jnp.asarray(tokens)))
+    got = np.asarray(jax.jit(rnn.apply)({"params": params}, jnp.asarray(tokens)))
   p = jax.tree_util.tree_map(np.asarray, params)
   relu = lambda x: np.maximum(x, 0)
   want = np.zeros((m, t, h))
@@ -95,12 +100,16 @@ def test_chunked_scorer_equals_one_pass():
   model = ranking_lib.AlignmentModel(vocab_size=15, regions=4, embed_size=8, features=8)
   feats = rng.random((6, 4 * 3)).astype(np.float32)  # 6 images, 4 regions of 3
   tokens = _tokens(rng, 11, 5, 15)
-  params = model.init(jax.random.PRNGKey(0), feats[:1],
-                      jnp.zeros((1, 1, 7), jnp.int32))["params"]
-  with jax.default_matmul_precision("highest"):
+  params = _random_params(model, rng, feats[:1], jnp.zeros((1, 1, 7), jnp.int32))
+
+  @jax.jit
+  def one_pass(params, feats, tokens):
     regions = model.apply({"params": params}, feats, method=model.embed_images)
     words = model.apply({"params": params}, tokens, method=model.embed_sentences)
-    want = np.asarray(ranking_lib.alignment_scores(regions, words, tokens))
+    return ranking_lib.alignment_scores(regions, words, tokens)
+
+  with jax.default_matmul_precision("highest"):
+    want = np.asarray(one_pass(params, feats, tokens))
     got = np.asarray(jax.jit(ranking.alignment_scorer(model, 4))(
         params, feats, ranking._pad_rows(tokens, 4)))[:11]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -115,8 +124,8 @@ def test_max_margin_loss_matches_brute_force():
   scores = rng.normal(size=(n * s, n)).astype(np.float32)
   image_of = np.arange(n * s) // s
   valid = np.array([1, 1, 0, 1, 1], np.float32)  # image 2 is padding
-  got, count = ranking_lib.max_margin_loss(jnp.asarray(scores), jnp.asarray(image_of), margin,
-                                           jnp.asarray(valid))
+  loss = jax.jit(ranking_lib.max_margin_loss, static_argnums=2)
+  got, count = loss(jnp.asarray(scores), jnp.asarray(image_of), margin, jnp.asarray(valid))
   want, pairs = 0.0, 0
   for m in range(n * s):
     k = image_of[m]
@@ -131,8 +140,7 @@ def test_max_margin_loss_matches_brute_force():
         want += max(0.0, margin + scores[m2, k] - scores[m, k])
   assert float(count) == pairs == 12
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
-  full, full_count = ranking_lib.max_margin_loss(jnp.asarray(scores), jnp.asarray(image_of),
-                                                 margin)
+  full, full_count = loss(jnp.asarray(scores), jnp.asarray(image_of), margin)
   assert float(full_count) == n * s and float(full) > float(got)
 
 
@@ -141,9 +149,9 @@ def test_loss_gradient_is_finite_differences():
   rng = np.random.default_rng(5)
   scores = rng.normal(size=(6, 3)).astype(np.float64)
   image_of = np.arange(6) // 2
-  f = lambda x: ranking_lib.max_margin_loss(x, jnp.asarray(image_of))[0]
   with jax.enable_x64(True):
-    g = np.asarray(jax.grad(f)(jnp.asarray(scores)))
+    f = jax.jit(lambda x: ranking_lib.max_margin_loss(x, jnp.asarray(image_of))[0])
+    g = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(scores)))
     eps = 1e-6
     for idx in [(0, 0), (1, 2), (4, 1), (5, 2)]:
       d = np.zeros_like(scores)
