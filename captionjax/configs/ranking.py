@@ -27,9 +27,10 @@ def get_config():
   c.ranking_margin = 1.0  # the max-margin loss's margin
   c.ranking_clip_norm = 10.0  # clip the gradient's global norm
   c.ranking_weight_decay = 0.0  # L2 weight decay of the alignment model
+  c.batch_size = 64  # images per batch (x seq_per_img sentences): more negatives per step
   c.num_train_steps = 2000  # alignment model steps
   c.learning_rate = 2e-4  # Adam (beta1 etc. as the default's); at 1e-3 the rectified score dies
-  c.learning_rate_decay_start = 1000  # step where halving starts (-1 = never)
+  c.learning_rate_decay_start = 1500  # step where halving starts (-1 = never)
   c.learning_rate_decay_every = 500  # halve the learning rate every N steps
   c.eval_every_steps = 500  # validation loss and R@K every N steps
   c.eval_num_images = 500  # validation images (and their sentences) ranked
