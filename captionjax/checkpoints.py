@@ -22,6 +22,7 @@ import numpy as np
 BEST_FILE = "best.json"
 # The training phases a checkpoint can be of (its meta "phase").
 PHASE_PRETRAIN, PHASE_CAPTION, PHASE_SCST = "cnn_pretrain", "caption", "scst"
+PHASE_RANKING = "ranking"  # phase 2 of a ranking config (the alignment model)
 
 
 class CheckpointError(ValueError):
@@ -59,11 +60,12 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list:
   return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if norm(a.get(k)) != norm(b.get(k))]
 
 
-def check_compatible(meta: dict, config, vocab, where: str) -> list:
+def check_compatible(meta: dict, config, vocab, where: str, cnn_only: bool = False) -> list:
   """Raises CheckpointError if the checkpoint `meta` cannot serve `config` and `vocab`.
 
-  The model's architecture and the vocabulary must match; other differences
-  (learning rate, number of steps, ...) are returned as [(field, old, new)].
+  The model's architecture (with `cnn_only`, the CNN's) and the vocabulary
+  must match; other differences (learning rate, number of steps, ...) are
+  returned as [(field, old, new)].
   """
   if "vocab_size" in meta and meta["vocab_size"] != len(vocab):
     raise CheckpointError(f"{where}: checkpoint has a vocabulary of {meta['vocab_size']} words, "
@@ -76,7 +78,8 @@ def check_compatible(meta: dict, config, vocab, where: str) -> list:
   if not old:
     return []
   diffs = config_differences(old, config.to_dict())
-  model = [d for d in diffs if d[0].startswith("model.") and d[0] != "model.cnn_weights"]
+  model = [d for d in diffs if d[0].startswith("model.cnn" if cnn_only else "model.")
+           and d[0] != "model.cnn_weights"]
   if model:
     k, a, b = model[0]
     raise CheckpointError(f"{where}: checkpoint has config.{k}={a!r}, this config {b!r} "
@@ -235,7 +238,9 @@ def load_start_from(other: str, config, vocab, params, batch_stats, say):
   """(params, batch_stats) with what another run's latest checkpoint has of them.
 
   The model and vocabulary must match; the optimizer state and the step are
-  not taken (NeuralTalk2's -start_from).
+  not taken (NeuralTalk2's -start_from). A run of the other model kind (a
+  captioner for a ranking config, or the reverse) gives its CNN alone, which
+  must match.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(os.path.join(other, "checkpoints")):
@@ -246,7 +251,9 @@ def load_start_from(other: str, config, vocab, params, batch_stats, say):
     if step is None:
       raise CheckpointError(f"--start_from={other}: no checkpoint saved there yet")
     meta = read_meta(src, step)
-    check_compatible(meta, config, vocab, f"--start_from={src.path(step)}")
+    kind = lambda c: (c.get("model") or {}).get("kind", "captioner")
+    check_compatible(meta, config, vocab, f"--start_from={src.path(step)}",
+                     cnn_only=kind(meta.get("config") or {}) != kind(config.to_dict()))
     try:
       saved = src.restore(step, None)  # as saved: numpy arrays
     except Exception as e:  # pylint: disable=broad-except

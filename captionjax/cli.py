@@ -28,8 +28,9 @@ DEBUG_ENV = "CAPTIONJAX_DEBUG"
 SUBCOMMANDS = {
     "prepro": ("captionjax.prepro", "preprocess a captioning data set into record shards"),
     "make-shapes": ("captionjax.shapes", "generate the embedded 'shapes' data set in raw format"),
-    "train": ("captionjax.train_cli", "train a captioner (resumes from --workdir)"),
+    "train": ("captionjax.train_cli", "train a captioner or the ranking model (resumes from --workdir)"),
     "caption": ("captionjax.caption", "caption images with a trained checkpoint"),
+    "rank": ("captionjax.rank", "image-sentence retrieval (R@K, queries, demo page) with a checkpoint"),
     "evaluate": ("captionjax.metrics.cli", "score captions as the coco-caption toolkit does"),
     "perplexity": ("captionjax.perplexity", "perplexity of reference captions under a checkpoint"),
     "import-weights": ("captionjax.weights", "import pretrained VGG16 weights (Keras HDF5, torchvision)"),

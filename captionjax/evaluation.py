@@ -9,6 +9,8 @@
   Validator         the validation loss, greedy captions and scores of a train state
   final_test        the test split(s)' captions (decode.DecodeOptions of the config) and
                     scores, written to files
+  validator_for     Validator, or ranking.RankValidator for the alignment model
+(The alignment model's final test is ranking.final_test: final_test hands over.)
 
 Every batch is padded to one shape (input_pipeline.eval_batches: `_mask` 0 on
 padding), so one compiled program serves a whole split and no image is dropped.
@@ -30,6 +32,7 @@ from captionjax import files
 from captionjax import input_pipeline
 from captionjax import records
 from captionjax import steps
+from captionjax.models import build
 from captionjax.models.build import cnn_variables, images_to_input
 
 
@@ -168,6 +171,22 @@ class Validator:
            **{f"val_{k}": v for k, v in scores.items()}}
     return rec, caps
 
+  @staticmethod
+  def selection(rec: dict):
+    """(score, name) by which the best checkpoint is kept: CIDEr, else -loss."""
+    if "val_CIDEr" in rec:
+      return rec["val_CIDEr"], "val_CIDEr"
+    return -rec["val_loss"], "-val_loss"
+
+
+def validator_for(cnn, lm, mode, data, refs, vocab, config, max_length, mesh_put,
+                  features=None):
+  """The validator of config.model.kind: Validator or ranking.RankValidator."""
+  if build.model_kind(config) == "ranking":
+    from captionjax import ranking  # pylint: disable=g-import-not-at-top
+    return ranking.RankValidator(cnn, lm, mode, data, config, mesh_put, features)
+  return Validator(cnn, lm, mode, data, refs, vocab, config, max_length, mesh_put, features)
+
 
 def final_test(cnn, lm, params, batch_stats, config, data_dir, info, vocab, mesh_put,
                workdir, t_start, say=print) -> dict:
@@ -176,8 +195,13 @@ def final_test(cnn, lm, params, batch_stats, config, data_dir, info, vocab, mesh
 
   The splits are `config.test_split` and those of `config.extra_test_splits`
   the data set has. Returns what scores.json holds: the test split's scores
-  and {"splits": {split: scores}, "beam_size", "decoding", "train_seconds"}.
+  and {"splits": {split: scores}, "beam_size", "decoding", "train_seconds"}. The
+  alignment model is ranked instead (ranking.final_test: ranking.json).
   """
+  if build.model_kind(config) == "ranking":
+    from captionjax import ranking  # pylint: disable=g-import-not-at-top
+    return ranking.final_test(cnn, lm, params, batch_stats, config, data_dir, info, vocab,
+                              mesh_put, workdir, t_start, say)
   options = decode.DecodeOptions.from_config(config)
   gen = jax.jit(steps.make_generate(cnn, lm, "frozen", options, info["max_length"] + 1))
   kw = {"bad_endings": decode.bad_ending_mask(options.bad_endings, vocab.word_to_ix, len(vocab)),

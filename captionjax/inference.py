@@ -48,8 +48,8 @@ class Model:
   config: object  # ml_collections.ConfigDict of the training run
   vocab: vocab_lib.Vocabulary
   cnn: object  # flax module: images -> features [B, D]
-  lm: object  # flax Captioner with cnn="none": features -> captions
-  params: dict  # {"cnn", "img_embed", "lm"}
+  lm: object  # flax Captioner with cnn="none": features -> captions (or the alignment model)
+  params: dict  # {"cnn", "img_embed", "lm"} (the alignment model's: models/ranking.SCORE_KEYS)
   batch_stats: dict  # the CNN's BatchNorm statistics ({} for VGG16)
   image_size: int  # images are resized to this square (as prepro does)
   input_size: int  # then center-cropped to this (the config's crop_size) for the CNN
@@ -116,18 +116,30 @@ def _image_geometry(config, meta: dict) -> Tuple[int, int]:
   return int(info["image_size"]), int(info["max_length"])
 
 
-def load_workdir(workdir: str, step: Optional[int] = None) -> Model:
+def load_workdir(workdir: str, step: Optional[int] = None,
+                 kinds: Optional[Sequence[str]] = ("captioner",)) -> Model:
   """Loads a `captionjax train` workdir's checkpoint (the latest, or `step`).
 
+  `kinds`: the model kinds (config.model.kind) accepted (None: any); with a
+  ranking run, `lm` is the alignment model and `params` hold its parameters.
+
   Raises:
-    CheckpointError: not a workdir, no checkpoint, or a checkpoint of the CNN
-      pretraining phase (no language model yet).
+    CheckpointError: not a workdir, no checkpoint, another kind of model, or
+      a checkpoint of the CNN pretraining phase (no language model yet).
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise CheckpointError(f"--checkpoint={workdir}: no such directory")
   config = ml_collections.ConfigDict(
       _read_json(os.path.join(workdir, CONFIG_FILE), "config.json"))
+  try:
+    kind = build.model_kind(config)
+  except ValueError as e:
+    raise CheckpointError(f"{workdir}: {e}") from None
+  if kinds is not None and kind not in kinds:
+    raise CheckpointError(f"{workdir}: holds a {kind} model" + (
+        " (image-sentence ranking, no captions): use `captionjax rank`" if kind == "ranking"
+        else f", not a {' or '.join(kinds)} model"))
   try:
     vocab = vocab_lib.Vocabulary.load(os.path.join(workdir, VOCAB_FILE))
   except ValueError as e:
@@ -163,12 +175,12 @@ def load_workdir(workdir: str, step: Optional[int] = None) -> Model:
     config = ml_collections.ConfigDict(meta["config"])
   image_size, max_length = _image_geometry(config, meta)
   cnn, lm, _ = build.make_models(config, len(vocab))
-  params = state["params"]
-  if not all(k in params for k in ("cnn",) + build.LM_KEYS):
-    raise CheckpointError(f"{ckpt.directory}/{step}: parameters lack a captioner "
+  params, keys = state["params"], ("cnn",) + build.head_keys(config)
+  if not all(k in params for k in keys):
+    raise CheckpointError(f"{ckpt.directory}/{step}: parameters lack a {kind} "
                           f"(have {sorted(params)})")
   return Model(config=config, vocab=vocab, cnn=cnn, lm=lm,
-               params={k: params[k] for k in ("cnn",) + build.LM_KEYS},
+               params={k: params[k] for k in keys},
                batch_stats=state.get("batch_stats") or {},
                image_size=image_size, input_size=config.crop_size or image_size,
                max_length=max_length, step=int(meta.get("step", step)), workdir=workdir)

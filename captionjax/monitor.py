@@ -16,8 +16,9 @@ import time
 
 LOG_FILE = "train_log.jsonl"
 PLOT_DIR = "plots"
-# Validation scores drawn in val_scores.png, when logged.
-PLOTTED_SCORES = ("val_CIDEr", "val_Bleu_4", "val_ROUGE_L", "val_hallucination_free")
+# Validation scores drawn in val_scores.png, when logged (R@K: a ranking run's, in percent).
+PLOTTED_SCORES = ("val_CIDEr", "val_Bleu_4", "val_ROUGE_L", "val_hallucination_free",
+                  "val_sentence_R@1", "val_sentence_R@10", "val_image_R@1", "val_image_R@10")
 
 
 class Logger:

@@ -7,6 +7,8 @@
   pretrain_optimizer the CNN and object heads in shapes pretraining: Adam, cosine decay
   scst_optimizer     the language model in self-critical training: Adam at its own
                      constant learning rate, the same clipping
+  ranking_optimizer  the alignment model (config.model.kind="ranking"): Adam with the
+                     gradient's global norm clipped, weight decay, the LM's schedule
 """
 
 import jax.numpy as jnp
@@ -38,6 +40,19 @@ def lm_optimizer(config):
   schedule = lambda step: config.learning_rate * decay_factor(config, step)
   tx = optax.chain(
       optax.clip(config.grad_clip),
+      optax.scale_by_adam(b1=config.beta1, b2=config.beta2, eps=config.epsilon),
+      optax.scale_by_schedule(lambda s: -schedule(s)))
+  return tx, schedule
+
+
+def ranking_optimizer(config):
+  """(tx, schedule): Adam on the alignment model, with the language model's learning
+  rate schedule, the gradient's global norm clipped and L2 weight decay (the paper's
+  regularization)."""
+  _, schedule = lm_optimizer(config)
+  tx = optax.chain(
+      optax.clip_by_global_norm(config.ranking_clip_norm),
+      optax.add_decayed_weights(config.ranking_weight_decay),
       optax.scale_by_adam(b1=config.beta1, b2=config.beta2, eps=config.epsilon),
       optax.scale_by_schedule(lambda s: -schedule(s)))
   return tx, schedule
@@ -77,7 +92,9 @@ def scst_optimizer(config):
 class TrainStates:
   """The optimizers of a run and the fresh train state of each phase.
 
-  A train state is {"step", "params", "batch_stats", "opt_state"}. `heads` are
+  A train state is {"step", "params", "batch_stats", "opt_state"}; `caption`
+  serves the alignment model too (a ranking config: its parameters and
+  optimizer in place of the language model's). `heads` are
   the pretraining phase's object heads (linear on the CNN's own per-cell fc
   layer when it has one, else behind a hidden layer).
   """
@@ -87,12 +104,13 @@ class TrainStates:
     self.params, self.batch_stats = params, batch_stats
     self.feat_dim, self.heads_rng = feat_dim, heads_rng
     self.tx_pre = pretrain_optimizer(config)
-    self.tx_lm, self.lr_schedule = lm_optimizer(config)
+    ranker = build.model_kind(config) == "ranking"
+    self.tx_lm, self.lr_schedule = (ranking_optimizer if ranker else lm_optimizer)(config)
     self.tx_cnn = cnn_optimizer(config)
     # The CNN's Adam state (two copies of its parameters) exists only where it is fine-tuned.
     self.finetune = config.finetune_cnn_after >= 0 and not config.cached_features
     self.tx_scst = scst_optimizer(config) if config.get("scst_steps", 0) else None
-    self.lm_keys = build.LM_KEYS
+    self.lm_keys = build.head_keys(config)
     kw = config.model.cnn_kwargs
     self.heads = build.object_heads(kw.get("grid", 1), 0 if kw.get("cell_fc", 0) else 256)
 

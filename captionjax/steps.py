@@ -5,6 +5,8 @@ function for `jax.jit`; nothing that changes between calls is closed over:
 
   make_pretrain_step  (state, batch, rng) -> (state, metrics)  CNN object recognition
   make_caption_step   (state, batch, rng) -> (state, metrics)  the captioner's train_step
+  make_ranking_step   (state, batch, rng) -> (state, metrics)  the alignment model's
+                      (models/ranking.py; make_head_step picks by config.model.kind)
   make_eval_step      (params, batch_stats, batch) -> metrics  validation loss
   make_generate       (params, batch_stats, x[, rng, bad_endings]) -> (tokens, scores)
                       greedy, sampling or (diverse) beam search (captionjax/decode.py)
@@ -28,6 +30,8 @@ import optax
 
 from captionjax import decode
 from captionjax import losses
+from captionjax.models import build
+from captionjax.models import ranking as ranking_lib
 from captionjax.models.build import LM_KEYS, cnn_variables, images_to_input
 from captionjax.models.captioner import Captioner
 
@@ -97,11 +101,46 @@ def make_caption_step(cnn, lm, tx_lm, tx_cnn, mode: str):
   the CNN in inference mode, no gradient (XLA drops its backward pass);
   "finetune": the CNN trains too, with its own optimizer.
   """
+  loss = lambda hp, feats, batch, rng: caption_loss(lm, hp, feats, batch, True, rng)
+  return _head_step(cnn, loss, LM_KEYS, tx_lm, tx_cnn, mode)
+
+
+def ranking_loss(model, params, feats, batch, margin: float):
+  """(loss_sum, count): the alignment model's max-margin loss on a batch.
+
+  batch: "captions" int32 [B, S, L]: sentence b*S + s belongs to image b;
+  optionally "_mask" [B] (0 for padding images in evaluation: no pair counts).
+  """
+  b, s, _ = batch["captions"].shape
+  scores = model.apply({"params": params}, feats, batch["captions"])  # -> [B*S, B]
+  image_of = jnp.arange(b * s) // s  # -> [B*S]
+  return ranking_lib.max_margin_loss(scores, image_of, margin, batch.get("_mask"))
+
+
+def make_ranking_step(cnn, model, tx, tx_cnn, mode: str, margin: float = 1.0):
+  """(state, batch, rng) -> (state, metrics): one step of the alignment model.
+
+  As make_caption_step (the same modes), the loss being `ranking_loss`.
+  """
+  loss = lambda hp, feats, batch, rng: ranking_loss(model, hp, feats, batch, margin)
+  return _head_step(cnn, loss, ranking_lib.SCORE_KEYS, tx, tx_cnn, mode)
+
+
+def make_head_step(config, cnn, lm, tx_lm, tx_cnn, mode: str):
+  """The training step of config.model.kind: make_caption_step or make_ranking_step."""
+  if build.model_kind(config) == "ranking":
+    return make_ranking_step(cnn, lm, tx_lm, tx_cnn, mode, config.ranking_margin)
+  return make_caption_step(cnn, lm, tx_lm, tx_cnn, mode)
+
+
+def _head_step(cnn, loss, keys, tx_head, tx_cnn, mode: str):
+  """The step that trains the parameters `keys` on CNN features (and the CNN with
+  mode "finetune"): loss(head params, feats [B, D], batch, rng) -> (loss_sum, count)."""
 
   def step(state, batch, rng):
     rng = jax.random.fold_in(rng, state["step"])
     params = state["params"]
-    trainable = {k: params[k] for k in LM_KEYS + (("cnn",) if mode == "finetune" else ())}
+    trainable = {k: params[k] for k in keys + (("cnn",) if mode == "finetune" else ())}
 
     def loss_fn(tp):
       bs = state["batch_stats"]
@@ -112,11 +151,11 @@ def make_caption_step(cnn, lm, tx_lm, tx_cnn, mode: str):
         out = cnn.apply(cnn_variables(tp["cnn"], bs), images_to_input(batch["image"]),
                         train=True, rngs={"dropout": jax.random.fold_in(rng, 1)}, **kw)
         feats, bs = (out[0], out[1]["batch_stats"]) if bs else (out, bs)
-      loss_sum, count = caption_loss(lm, {k: tp[k] for k in LM_KEYS}, feats, batch, True, rng)
+      loss_sum, count = loss({k: tp[k] for k in keys}, feats, batch, rng)
       return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count, bs)
 
     grads, (loss_sum, count, bs) = jax.grad(loss_fn, has_aux=True)(trainable)
-    new_params, opt = _update(state, params, trainable, grads, tx_lm, tx_cnn, mode)
+    new_params, opt = _update(state, params, trainable, grads, tx_head, tx_cnn, mode, keys)
     metrics = {"loss_sum": loss_sum, "count": count}
     return dict(state, step=state["step"] + 1, params=new_params, batch_stats=bs,
                 opt_state=opt), metrics
@@ -124,11 +163,12 @@ def make_caption_step(cnn, lm, tx_lm, tx_cnn, mode: str):
   return step
 
 
-def _update(state, params, trainable, grads, tx_lm, tx_cnn, mode: str):
-  """(params, opt_state) after one optimizer step of the LM (and the CNN when fine-tuned)."""
+def _update(state, params, trainable, grads, tx_lm, tx_cnn, mode: str, keys=LM_KEYS):
+  """(params, opt_state) after one optimizer step of the head, `keys` of the params (the
+  LM, or the alignment model), and of the CNN when fine-tuned."""
   opt = dict(state["opt_state"])
-  lm_part = {k: trainable[k] for k in LM_KEYS}
-  upd, opt["lm"] = tx_lm.update({k: grads[k] for k in LM_KEYS}, opt["lm"], lm_part)
+  lm_part = {k: trainable[k] for k in keys}
+  upd, opt["lm"] = tx_lm.update({k: grads[k] for k in keys}, opt["lm"], lm_part)
   new_params = dict(params, **optax.apply_updates(lm_part, upd))
   if mode == "finetune":
     upd, opt["cnn"] = tx_cnn.update(grads["cnn"], opt["cnn"], params["cnn"])
@@ -136,9 +176,15 @@ def _update(state, params, trainable, grads, tx_lm, tx_cnn, mode: str):
   return new_params, opt
 
 
-def make_eval_step(cnn, lm, mode: str):
-  """(params, batch_stats, batch) -> summed loss and token count over real examples."""
+def make_eval_step(cnn, lm, mode: str, config=None):
+  """(params, batch_stats, batch) -> summed loss and token count over real examples
+  (with a ranking `config`: the alignment model's loss and its positive pairs)."""
   def step(params, batch_stats, batch):
+    if config is not None and build.model_kind(config) == "ranking":
+      feats = _features(cnn, params, batch_stats, batch, mode)
+      hp = {k: params[k] for k in ranking_lib.SCORE_KEYS}
+      loss_sum, count = ranking_loss(lm, hp, feats, batch, config.ranking_margin)
+      return {"loss_sum": loss_sum, "count": count}
     feats = _features(cnn, params, batch_stats, batch, mode)
     lm_params = {k: params[k] for k in LM_KEYS}
     loss_sum, count = caption_loss(lm, lm_params, feats, batch, False, None)

@@ -1,4 +1,4 @@
-"""`captionjax train`: train a captioner, resuming from --workdir.
+"""`captionjax train`: train a captioner (or the ranking model), resuming from --workdir.
 
     captionjax train --workdir=runs/default [--config=NAME_OR_FILE] [--config.FIELD=VALUE ...]
     python -m captionjax.trainer --workdir=runs/default ...   (the same)
@@ -6,11 +6,12 @@
 The run has up to three phases, counted by one global step:
   1. `cnn_pretrain_steps` steps of object recognition (shapes only): the CNN
      and per-grid-cell heads for shape, color and size.
-  2. `num_train_steps` caption steps, the CNN cached (`cached_features`) or
-     frozen until `finetune_cnn_after`, then fine-tuned with its own optimizer.
+  2. `num_train_steps` caption (or ranking) steps, the CNN cached (`cached_features`)
+     or frozen until `finetune_cnn_after`, then fine-tuned with its own optimizer.
   3. `scst_steps` of self-critical training on the CIDEr-D reward (scst.py).
 At the end the test split(s) are captioned with beam search into
-WORKDIR/captions.json and scored into WORKDIR/scores.json.
+WORKDIR/captions.json and scored into WORKDIR/scores.json; a `--config=ranking`
+run ranks them into WORKDIR/ranking.json instead (ranking.final_test).
 
 The same command again resumes exactly from the latest checkpoint (state,
 step, RNG, input position), after `kill -9` too. SIGTERM or SIGINT saves a
@@ -52,6 +53,7 @@ from captionjax.models import build
 DIVERGENCE_FACTOR = 20.0  # stop when the loss exceeds this x the first loss (NeuralTalk2)
 PHASE_PRETRAIN, PHASE_CAPTION, PHASE_SCST = (ckpt_lib.PHASE_PRETRAIN, ckpt_lib.PHASE_CAPTION,
                                              ckpt_lib.PHASE_SCST)
+PHASE_RANKING = ckpt_lib.PHASE_RANKING  # phase 2 of a ranking config
 
 
 @dataclasses.dataclass
@@ -236,11 +238,12 @@ def _start_or_resume(r: Run, latest, start_from, params, batch_stats, feat_dim, 
   states = optim.TrainStates(config, params, batch_stats, feat_dim, heads_rng)
   state = states.pretrain() if pretrain else states.caption(params, batch_stats, 0)
   if latest is not None:
-    if meta["phase"] == PHASE_CAPTION and pretrain:
+    head_phase = meta["phase"] in (PHASE_CAPTION, PHASE_RANKING)
+    if head_phase and pretrain:
       state = states.caption(params, batch_stats, 0)
     if meta["phase"] == PHASE_SCST:
       state = states.scst(params, batch_stats, 0)
-    state = states.restore(r.ckpt, latest, state, meta["phase"] == PHASE_CAPTION)
+    state = states.restore(r.ckpt, latest, state, head_phase)
     r.step, r.position = int(meta["step"]), int(meta.get("data_position", 0))
     r.first_loss = dict(meta.get("first_loss", {}))
     if meta.get("rng") is not None:
@@ -278,21 +281,22 @@ def caption_phases(r: Run, states: optim.TrainStates, state, pretrain: int) -> l
     return {"captions": b["captions"], "mask": b["mask"], x[0]: x[1]}
 
   val_refs = evaluation.references(r.data_dir, "val") if r.val_data is not None else None
-  validator = lambda m: evaluation.Validator(
+  validator = lambda m: evaluation.validator_for(
       r.cnn, r.lm, m, r.val_data, val_refs, r.vocab, config, r.info["max_length"], r.mesh_put,
       features.get("val"))
   lr_at = jax.jit(states.lr_schedule)  # compiled once (eager calls compile per halving count)
   lr = lambda s: float(lr_at(np.int32(s)))
-  step_fn = lambda m: steps.make_caption_step(r.cnn, r.lm, states.tx_lm, states.tx_cnn, m)
+  step_fn = lambda m: steps.make_head_step(config, r.cnn, r.lm, states.tx_lm, states.tx_cnn, m)
   ft = config.finetune_cnn_after
   ft_start = pretrain + (ft if ft >= 0 else config.num_train_steps)
-  say(f"phase 2: caption training, {config.num_train_steps} steps ({mode} CNN)")
+  name = PHASE_RANKING if build.model_kind(config) == "ranking" else PHASE_CAPTION
+  say(f"phase 2: {name} training, {config.num_train_steps} steps ({mode} CNN)")
   phases = []
   if r.step < ft_start:
-    phases.append(Phase(PHASE_CAPTION, step_fn(mode), batch_fn, pretrain,
+    phases.append(Phase(name, step_fn(mode), batch_fn, pretrain,
                         min(ft_start, end), validator(mode), lr))
   if ft_start < end:
-    phases.append(Phase(PHASE_CAPTION, step_fn("finetune"), batch_fn, pretrain,
+    phases.append(Phase(name, step_fn("finetune"), batch_fn, pretrain,
                         end, validator("frozen"), lr,
                         announce="fine-tuning the CNN from step {step}"))
   return phases
@@ -374,8 +378,7 @@ def run_phase(r: Run, phase: Phase, state):
                                           or r.step == last):
         rec = phase.validator(state, r.step, r.logger)
         if rec and r.saved_step == r.step:  # the best checkpoint is kept beside the latest
-          metric = "val_CIDEr" if "val_CIDEr" in rec else "-val_loss"
-          r.ckpt.record_score(r.step, rec.get("val_CIDEr", -rec["val_loss"]), metric)
+          r.ckpt.record_score(r.step, *phase.validator.selection(rec))  # (score, metric)
         r.logger.refresh_plots(say)
       if r.stop.requested:
         r.ckpt.wait()

@@ -134,3 +134,30 @@ def trained_workdir(tmp_path_factory, shapes_dir):
   with open(workdir + ".events.txt", "w", encoding="utf-8") as f:
     f.write("\n".join(events) + "\n")
   return workdir
+
+
+# The tiny set's 96 training images need a CNN pretrained longer than the
+# captioner's 10 steps, and a faster learning rate.
+RANKING_OVERRIDES = {"model.embed_size": 32, "cnn_pretrain_steps": 200, "learning_rate": 1e-3,
+                     "num_train_steps": 500, "learning_rate_decay_start": -1,
+                     "eval_every_steps": 250, "checkpoint_every_steps": 250,
+                     "log_every_steps": 50}
+
+
+def tiny_ranking_config(data_dir: str, **overrides):
+  """The ranking config shrunk like tiny_config."""
+  from captionjax import configs
+  fields = {k.replace(".", "__"): v for k, v in RANKING_OVERRIDES.items()}
+  return configs.load_config("ranking", [a[len("--config."):] for a in tiny_args(
+      data_dir, **{**fields, **overrides})])
+
+
+@pytest.fixture(scope="session")
+def ranking_workdir(tmp_path_factory, shapes_dir):
+  """A workdir with a finished tiny run of `captionjax train --config=ranking`."""
+  from captionjax import cli
+  workdir = str(tmp_path_factory.mktemp("ranking_run"))
+  args = tiny_args(shapes_dir, **{k.replace(".", "__"): v for k, v in RANKING_OVERRIDES.items()})
+  rc = cli.main(["train", "--config=ranking", f"--workdir={workdir}", "--no_progress", *args])
+  assert rc == 0, f"captionjax train --config=ranking exited with {rc}"
+  return workdir

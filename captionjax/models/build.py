@@ -7,6 +7,9 @@ The captioner's parameters are one dict: {"cnn": ..., **{k: ... for k in LM_KEYS
 The CNN runs alone (`cnn`, images -> features) so that it can be frozen,
 cached or fine-tuned; `lm` is the Captioner on features (cnn="none"); `full`
 is the same captioner with the CNN inside, for a single forward pass.
+`config.model.kind` = "ranking" (configs/ranking.py) makes `lm` the alignment
+model of models/ranking.py instead (its parameters: `head_keys(config)`;
+`full` is None).
 
 Dimensions: B images, H = W image size in pixels, D CNN feature size,
 G grid cells a side (SmallVGG's grid pooling).
@@ -16,6 +19,23 @@ import jax
 import jax.numpy as jnp
 
 LM_KEYS = ("img_embed", "lm")  # the captioner's parameters besides the CNN's
+KINDS = ("captioner", "ranking")  # config.model.kind
+
+
+def model_kind(config) -> str:
+  """config.model.kind: "captioner" (absent: the configs before the ranking model) or "ranking"."""
+  kind = config.model.get("kind", "captioner")
+  if kind not in KINDS:
+    raise ValueError(f"config.model.kind: unknown model kind {kind!r} (one of {', '.join(KINDS)})")
+  return kind
+
+
+def head_keys(config) -> tuple:
+  """The parameters besides the CNN's: LM_KEYS, or the alignment model's."""
+  if model_kind(config) == "ranking":
+    from captionjax.models import ranking  # pylint: disable=g-import-not-at-top
+    return ranking.SCORE_KEYS
+  return LM_KEYS
 
 
 def images_to_input(images: jax.Array) -> jax.Array:
@@ -54,19 +74,29 @@ def compute_dtype(config):
   return None if name == "float32" else jnp.dtype(name)
 
 
+def ranking_regions(model_config) -> int:
+  """P, the alignment model's regions in a feature vector: SmallVGG's grid cells, else 1
+  (VGG16's fc7; its conv5 map [h, w, C] gives its h*w cells whatever this says)."""
+  kw = model_config.cnn_kwargs
+  return kw.get("grid", 2) ** 2 if model_config.cnn == "small_vgg" and kw.get("pool") == "grid" else 1
+
+
 def make_models(config, vocab_size: int):
   """(cnn, lm, full): the CNN alone, the captioner on features, the whole captioner.
 
   `lm` is a Captioner with cnn="none" (img_embed + LSTM); its parameters plus
-  the CNN's under "cnn" are exactly the parameters of `full`.
+  the CNN's under "cnn" are exactly the parameters of `full`. For a ranking
+  config: (cnn, the alignment model on features, None).
   """
   from captionjax.models import captioner as captioner_lib  # pylint: disable=g-import-not-at-top
   m = config.model
+  ranker = model_kind(config) == "ranking"
   kwargs = dict(vocab_size=vocab_size, input_encoding_size=m.input_encoding_size,
                 rnn_size=m.rnn_size, num_layers=m.num_layers,
                 drop_prob_lm=m.drop_prob_lm, rnn_type=m.rnn_type,
                 image_every_step=m.get("image_every_step", False),
-                attention_regions=attention_regions(m), dtype=compute_dtype(config))
+                attention_regions=0 if ranker else attention_regions(m),
+                dtype=compute_dtype(config))
   cnn_kwargs = m.cnn_kwargs.to_dict()
   if m.get("cnn_weights"):  # imported VGG16 weights: the input normalization they expect
     from captionjax import weights  # pylint: disable=g-import-not-at-top
@@ -77,6 +107,10 @@ def make_models(config, vocab_size: int):
   if m.cnn not in captioner_lib.CNNS:
     raise ValueError(f"config.model.cnn: unknown CNN {m.cnn!r} (one of {sorted(captioner_lib.CNNS)})")
   cnn = captioner_lib.CNNS[m.cnn](**cnn_kwargs, dtype=kwargs["dtype"])
+  if ranker:
+    from captionjax.models import ranking  # pylint: disable=g-import-not-at-top
+    return cnn, ranking.AlignmentModel(vocab_size, ranking_regions(m), m.input_encoding_size,
+                                       m.embed_size, m.get("rectify", True)), None
   lm = captioner_lib.Captioner(cnn=captioner_lib.NO_CNN, **kwargs)
   full = captioner_lib.Captioner(cnn=m.cnn, cnn_kwargs=cnn_kwargs, **kwargs)
   return cnn, lm, full
@@ -91,8 +125,10 @@ def init_params(config, cnn, lm, image_size: int, max_length: int, cnn_rng, lm_r
   size = config.crop_size or image_size
   dummy = jnp.zeros((1, size, size, 3), jnp.float32)
   cnn_vars = cnn.init({"params": cnn_rng, "dropout": cnn_rng}, dummy, train=False)
-  feat_dim = jax.eval_shape(lambda v: cnn.apply(v, dummy), cnn_vars).shape[-1]
-  lm_vars = lm.init(lm_rng, jnp.zeros((1, feat_dim)), jnp.zeros((1, 1, max_length + 2), jnp.int32))
+  feat_shape = jax.eval_shape(lambda v: cnn.apply(v, dummy), cnn_vars).shape  # -> [1, D]
+  feat_dim = feat_shape[-1]
+  lm_vars = lm.init(lm_rng, jnp.zeros((1,) + feat_shape[1:]),
+                    jnp.zeros((1, 1, max_length + 2), jnp.int32))
   params = {"cnn": cnn_vars["params"], **lm_vars["params"]}
   if config.model.get("cnn_weights"):
     from captionjax import weights  # pylint: disable=g-import-not-at-top
