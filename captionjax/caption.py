@@ -84,13 +84,7 @@ def add_arguments(p):
                  help="with --sample: only the likeliest words holding this probability (nucleus)")
   p.add_argument("--num_samples", type=int, default=1,
                  help="with --sample: captions drawn per image (--n_best shows them, best first)")
-  p.add_argument("--min_length", type=int, default=1,
-                 help="no END before this many words (0 allows an empty caption)")
-  p.add_argument("--block_trigrams", action="store_true",
-                 help="forbid a word that would repeat a trigram of the caption")
-  p.add_argument("--bad_endings", default=None, metavar="WORDS",
-                 help="comma-separated words a caption may not end on; 'none' for no such rule "
-                      "(default: the training config's, else a list of function words)")
+  add_rule_arguments(p)
   p.add_argument("--seed", type=int, default=0, help="seed of --sample")
   p.add_argument("--batch_size", type=int, default=16, help="images per jitted batch")
   p.add_argument("--num_images", type=int, default=-1, help="caption at most N images (-1 = all)")
@@ -103,6 +97,18 @@ def add_arguments(p):
   p.add_argument("--max_frames", type=int, default=-1,
                  help="camera: stop after N captions (-1 = until Ctrl-C)")
   p.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def add_rule_arguments(p) -> None:
+  """The decoding rules' flags on argparse parser `p` (--min_length,
+  --block_trigrams, --bad_endings): this command's and `captionjax serve`'s."""
+  p.add_argument("--min_length", type=int, default=1,
+                 help="no END before this many words (0 allows an empty caption)")
+  p.add_argument("--block_trigrams", action="store_true",
+                 help="forbid a word that would repeat a trigram of the caption")
+  p.add_argument("--bad_endings", default=None, metavar="WORDS",
+                 help="comma-separated words a caption may not end on; 'none' for no such rule "
+                      "(default: the training config's, else a list of function words)")
 
 
 def _say(msg: str) -> None:

@@ -118,6 +118,21 @@ def human_ceiling(refs: dict, image_ids) -> dict:
   return {"CIDEr": s["CIDEr"], "Bleu_4": s["Bleu_4"]}
 
 
+def mean_loss(eval_step, state, batches, keys, features, mesh_put) -> float:
+  """Mean per-token loss of `eval_step` (-> "loss_sum", "count") over `batches`:
+  each batch's `keys`, and "features" (rows of `features`) or "image"."""
+  sums = {"loss_sum": 0.0, "count": 0.0}
+  for b in batches:
+    x = {k: b[k] for k in keys}
+    if features is not None:
+      x["features"] = features[b["row"]]
+    else:
+      x["image"] = b["image"]
+    m = eval_step(state["params"], state["batch_stats"], {k: mesh_put(v) for k, v in x.items()})
+    sums = {k: sums[k] + float(m[k]) for k in sums}
+  return sums["loss_sum"] / max(sums["count"], 1)
+
+
 class Validator:
   """The validation split's loss and greedy captions' scores for a train state.
 
@@ -135,18 +150,10 @@ class Validator:
 
   def loss(self, state) -> float:
     """Mean per-token cross-entropy of the split's reference captions."""
-    sums = {"loss_sum": 0.0, "count": 0.0}
-    for b in input_pipeline.eval_batches(self.data, self.config.eval_batch_size,
-                                         self.config.seq_per_img, self.config.crop_size):
-      x = {"captions": b["captions"], "mask": b["mask"], "_mask": b["_mask"]}
-      if self.features is not None:
-        x["features"] = self.features[b["row"]]
-      else:
-        x["image"] = b["image"]
-      m = self.eval_step(state["params"], state["batch_stats"],
-                         {k: self.mesh_put(v) for k, v in x.items()})
-      sums = {k: sums[k] + float(m[k]) for k in sums}
-    return sums["loss_sum"] / max(sums["count"], 1)
+    batches = input_pipeline.eval_batches(self.data, self.config.eval_batch_size,
+                                          self.config.seq_per_img, self.config.crop_size)
+    return mean_loss(self.eval_step, state, batches, ("captions", "mask", "_mask"),
+                     self.features, self.mesh_put)
 
   def __call__(self, state, step: int, logger):
     """Runs on `state`; logs the record and sample captions at `step`; returns the record."""

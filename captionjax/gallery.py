@@ -141,11 +141,19 @@ def write_gallery(out_dir: str, results: Sequence[dict],
   `thumbnails` maps image ids to JPEG bytes (see `thumbnail`).
   """
   thumbnails = thumbnails or {}
-  os.makedirs(os.path.join(out_dir, THUMB_DIR), exist_ok=True)
-  for iid, data in thumbnails.items():
-    with open(os.path.join(out_dir, thumb_name(iid)), "wb") as f:
+  return write_files(out_dir, render(results, failures, title, summary, list(thumbnails)),
+                     {thumb_name(iid): data for iid, data in thumbnails.items()})
+
+
+def write_files(out_dir: str, page: str, files: Dict[str, bytes]) -> str:
+  """Writes `files` (path inside out_dir -> bytes) and out_dir/index.html = `page`;
+  returns index.html's path. Also the ranking demo's (rank_page.py)."""
+  for name, data in files.items():
+    os.makedirs(os.path.dirname(os.path.join(out_dir, name)), exist_ok=True)
+    with open(os.path.join(out_dir, name), "wb") as f:
       f.write(data)
+  os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, "index.html")
   with open(path, "w", encoding="utf-8") as f:
-    f.write(render(results, failures, title, summary, list(thumbnails)))
+    f.write(page)
   return path

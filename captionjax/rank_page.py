@@ -20,8 +20,9 @@ names inside DIR come from numeric image ids only.
 
 import html
 import json
-import os
 from typing import Dict, Sequence
+
+from captionjax import gallery
 
 THUMB_DIR = "thumbs"
 
@@ -227,11 +228,5 @@ def write_page(out_dir: str, queries, images, result: dict, thumbnails: Dict[int
 
   `thumbnails` maps image ids to PNG bytes.
   """
-  os.makedirs(os.path.join(out_dir, THUMB_DIR), exist_ok=True)
-  for iid, data in thumbnails.items():
-    with open(os.path.join(out_dir, thumb_name(iid)), "wb") as f:
-      f.write(data)
-  path = os.path.join(out_dir, "index.html")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(render(queries, images, result, grid, title, summary))
-  return path
+  return gallery.write_files(out_dir, render(queries, images, result, grid, title, summary),
+                             {thumb_name(iid): data for iid, data in thumbnails.items()})

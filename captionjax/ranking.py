@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from captionjax import evaluation
 from captionjax import input_pipeline
 from captionjax.models import build
 from captionjax.models import ranking as ranking_lib
@@ -348,18 +349,10 @@ class RankValidator:
     self._score = None
 
   def loss(self, state) -> float:
-    sums = {"loss_sum": 0.0, "count": 0.0}
-    for b in input_pipeline.eval_batches(self.data, self.config.eval_batch_size,
-                                         self.config.seq_per_img):
-      x = {"captions": b["captions"], "_mask": b["_mask"]}
-      if self.features is not None:
-        x["features"] = self.features[b["row"]]
-      else:
-        x["image"] = b["image"]
-      m = self.eval_step(state["params"], state["batch_stats"],
-                         {k: self.mesh_put(v) for k, v in x.items()})
-      sums = {k: sums[k] + float(m[k]) for k in sums}
-    return sums["loss_sum"] / max(sums["count"], 1)
+    batches = input_pipeline.eval_batches(self.data, self.config.eval_batch_size,
+                                          self.config.seq_per_img)
+    return evaluation.mean_loss(self.eval_step, state, batches, ("captions", "_mask"),
+                                self.features, self.mesh_put)
 
   def run(self, state):
     """(record, metrics) of `state` on the split; (None, None) without a split."""

@@ -68,6 +68,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 import uvicorn
 
+from captionjax import caption
 from captionjax import decode
 from captionjax import images as images_lib
 from captionjax import inference
@@ -92,13 +93,7 @@ def add_arguments(p):
                  help="requests may ask for beam sizes 1..N (each is compiled at start-up)")
   p.add_argument("--length_penalty", type=float, default=None,
                  help="beam search length normalization exponent (default: the training config's)")
-  p.add_argument("--min_length", type=int, default=1,
-                 help="no END before this many words (0 allows an empty caption)")
-  p.add_argument("--block_trigrams", action="store_true",
-                 help="forbid a word that would repeat a trigram of the caption")
-  p.add_argument("--bad_endings", default=None, metavar="WORDS",
-                 help="comma-separated words a caption may not end on; 'none' for no such rule "
-                      "(default: the training config's, else a list of function words)")
+  caption.add_rule_arguments(p)
   p.add_argument("--max_batch", type=int, default=32, help="most images in one model call")
   p.add_argument("--max_wait_ms", type=float, default=10.0,
                  help="how long the oldest queued image waits for others to join its batch")

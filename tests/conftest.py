@@ -1,5 +1,6 @@
 """Shared fixtures: small generated data sets, made once per test session."""
 
+import html.parser
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -161,3 +162,40 @@ def ranking_workdir(tmp_path_factory, shapes_dir):
   rc = cli.main(["train", "--config=ranking", f"--workdir={workdir}", "--no_progress", *args])
   assert rc == 0, f"captionjax train --config=ranking exited with {rc}"
   return workdir
+
+
+class HtmlCollector(html.parser.HTMLParser):
+  """Text of the elements with a class of interest, and every tag seen."""
+
+  def __init__(self):
+    super().__init__()
+    self.stack, self.texts, self.tags, self.attrs = [], {}, [], []
+
+  def handle_starttag(self, tag, attrs):
+    self.tags.append(tag)
+    self.attrs.append((tag, dict(attrs)))
+    classes = (dict(attrs).get("class") or "").split()
+    if tag not in ("img", "meta", "br"):
+      self.stack.append((tag, classes, []))
+
+  def handle_endtag(self, tag):
+    while self.stack:
+      t, classes, buf = self.stack.pop()
+      for c in classes:
+        self.texts.setdefault(c, []).append("".join(buf))
+      if self.stack:
+        self.stack[-1][2].extend(buf)
+      if t == tag:
+        break
+
+  def handle_data(self, data):
+    if self.stack:
+      self.stack[-1][2].append(data)
+
+
+def parse_html(text: str) -> HtmlCollector:
+  """The HtmlCollector of an HTML page (the gallery's and the ranking demo's tests)."""
+  c = HtmlCollector()
+  c.feed(text)
+  c.close()
+  return c

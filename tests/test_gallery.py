@@ -1,6 +1,5 @@
 """The HTML gallery: escaping, and the page as headless Chromium renders it."""
 
-import html.parser
 import io
 import os
 import shutil
@@ -12,6 +11,7 @@ import pytest
 from PIL import Image
 
 from captionjax import gallery
+from conftest import parse_html as _parse
 
 HOSTILE_CAPTION = "<b>bold</b> & 'single' \"double\" <script>alert(1)</script>"
 HOSTILE_NAME = 'x"><img src=x onerror=alert(1)>.png'
@@ -28,49 +28,13 @@ FAILURES = [("broken<1>.jpg", "not an image (unrecognized format)"),
             ("empty&.png", "empty file")]
 
 
-class _Collector(html.parser.HTMLParser):
-  """Text of the elements with a class of interest, and every tag seen."""
-
-  def __init__(self):
-    super().__init__()
-    self.stack, self.texts, self.tags, self.attrs = [], {}, [], []
-
-  def handle_starttag(self, tag, attrs):
-    self.tags.append(tag)
-    self.attrs.append((tag, dict(attrs)))
-    classes = (dict(attrs).get("class") or "").split()
-    if tag not in ("img", "meta", "br"):
-      self.stack.append((tag, classes, []))
-
-  def handle_endtag(self, tag):
-    while self.stack:
-      t, classes, buf = self.stack.pop()
-      for c in classes:
-        self.texts.setdefault(c, []).append("".join(buf))
-      if self.stack:
-        self.stack[-1][2].extend(buf)
-      if t == tag:
-        break
-
-  def handle_data(self, data):
-    if self.stack:
-      self.stack[-1][2].append(data)
-
-
-def _parse(text: str) -> _Collector:
-  c = _Collector()
-  c.feed(text)
-  c.close()
-  return c
-
-
 def _solid_jpeg(color) -> bytes:
   buf = io.BytesIO()
   Image.new("RGB", (160, 120), color).save(buf, "JPEG", quality=95)
   return buf.getvalue()
 
 
-def _check_page(c: _Collector):
+def _check_page(c):
   """The page shows every string as text, and nothing the strings could inject."""
   figure_captions = [t for t in c.texts["caption"]]
   # Per figure: the top caption, then its n-best captions.

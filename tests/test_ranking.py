@@ -4,7 +4,6 @@ the captioner as a ranker, training end to end, `captionjax rank` and its demo p
 Dimensions: N images, P regions, M sentences, T words, H joint space.
 """
 
-import html.parser
 import json
 import os
 import tempfile
@@ -16,6 +15,7 @@ import pytest
 
 from captionjax import ranking
 from captionjax.models import ranking as ranking_lib
+from conftest import parse_html as _parse
 
 
 def _tokens(rng, m, t, vocab_size, min_words=1):
@@ -276,40 +276,6 @@ def test_trained_alignment_model_beats_a_random_ranker(ranking_workdir, tmp_path
   assert {"cnn_pretrain", "ranking", "val", "test"} <= {r.get("phase") for r in log}
   assert _read(os.path.join(ranking_workdir, "config.json"))["model"]["kind"] == "ranking"
   assert not os.path.exists(os.path.join(ranking_workdir, "captions.json"))
-
-
-class _Page(html.parser.HTMLParser):
-  """Tags, attributes and the text under each class."""
-
-  def __init__(self):
-    super().__init__()
-    self.stack, self.texts, self.attrs = [], {}, []
-
-  def handle_starttag(self, tag, attrs):
-    self.attrs.append((tag, dict(attrs)))
-    if tag not in ("img", "meta", "br"):
-      self.stack.append((tag, (dict(attrs).get("class") or "").split(), []))
-
-  def handle_endtag(self, tag):
-    while self.stack:
-      t, classes, buf = self.stack.pop()
-      for c in classes:
-        self.texts.setdefault(c, []).append("".join(buf))
-      if self.stack:
-        self.stack[-1][2].extend(buf)
-      if t == tag:
-        break
-
-  def handle_data(self, data):
-    if self.stack:
-      self.stack[-1][2].append(data)
-
-
-def _parse(text):
-  p = _Page()
-  p.feed(text)
-  p.close()
-  return p
 
 
 def test_rank_command_and_demo_page(ranking_workdir, tmp_path):
