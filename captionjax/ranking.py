@@ -81,28 +81,40 @@ def caption_buffer(tokens: np.ndarray) -> np.ndarray:
 
 
 def generative_scorer(lm, chunk: int):
-  """(lm params, feats [N, D], captions [M, L]) -> [M, N]: mean log P per token.
+  """(lm params, feats [N, D], captions [M, L], counted [M]) -> [M, N]: the mean
+  log P per token of each sentence under each image.
 
   The tokens of a sentence are its words and END (as the training loss counts
-  them); M is a multiple of `chunk`. Each chunk runs the LM on c sentences x N
-  images at once (the image encoded once, its c captions teacher-forced).
+  them): counted = words + 1. M is a multiple of `chunk`; a chunk's rows
+  should be of similar lengths (the caller sorts them), since its recurrence
+  runs as many steps as its longest sentence. The image side (embedding,
+  first step, attention keys) runs once per image, the word embeddings once
+  per sentence; the recurrence, the attention and the output layer run on
+  chunk x N pairs at a time (LanguageModel.pair_step).
   """
-  def fn(lm_params, feats, captions):
+  def fn(lm_params, feats, captions, counted):
+    v = {"params": lm_params}
     n = feats.shape[0]
-    length = (captions > 0).sum(-1)  # words -> [M]
+    start = lm.apply(v, lm.apply(v, feats, method="encode"), method="decode_start")
 
     def one(args):
-      caps, words = args  # [c, L], [c]
-      tiled = jnp.broadcast_to(caps[None], (n,) + caps.shape)  # -> [N, c, L]
-      logits = lm.apply({"params": lm_params}, feats, tiled)  # -> [N, c, L-1, V+1]
-      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-      tok = jnp.take_along_axis(logp, tiled[..., 1:, None], axis=-1)[..., 0]  # -> [N, c, L-1]
-      counted = jnp.arange(caps.shape[-1] - 1)[None, :] <= words[:, None]  # words, END: [c, L-1]
-      total = (tok * counted[None]).sum(-1)  # -> [N, c]
-      return (total / (words + 1)[None, :]).T  # -> [c, N]
+      caps, count = args  # [c, L], [c]
+      c = caps.shape[0]
+      words = lm.apply(v, caps, method=lambda m, x: m.lm.embed(x))  # -> [c, L, E]
+      carry = lm.apply(v, start, c, method=lambda m, *a: m.lm.pair_carry(*a))
 
-    c = chunk
-    out = jax.lax.map(one, (captions.reshape(-1, c, captions.shape[-1]), length.reshape(-1, c)))
+      def body(t, state):
+        carry, total = state
+        x_t = jax.lax.dynamic_index_in_dim(words, t, axis=1)  # -> [c, 1, E]
+        y_t = jax.lax.dynamic_index_in_dim(caps, t + 1, axis=1, keepdims=False)  # -> [c]
+        carry, logp = lm.apply(v, carry, x_t, y_t, method=lambda m, *a: m.lm.pair_step(*a))
+        return carry, total + jnp.where((t < count)[:, None], logp, 0.0)  # -> [c, N]
+
+      _, total = jax.lax.fori_loop(0, count.max(), body, (carry, jnp.zeros((c, n))))
+      return total / count[:, None]  # -> [c, N]
+
+    out = jax.lax.map(one, (captions.reshape(-1, chunk, captions.shape[-1]),
+                            counted.reshape(-1, chunk)))
     return out.reshape(-1, n)  # -> [M, N]
   return fn
 
@@ -216,6 +228,7 @@ class Ranker:
     self.head = jax.device_put({k: model.params[k] for k in self.keys})
     self.timing = {}
     self._compiled = {}
+    self._compile_s = 0.0
 
   @property
   def description(self) -> str:
@@ -233,39 +246,53 @@ class Ranker:
     if self.kind == "ranking":
       regions = ranking_lib.as_regions(jnp.zeros((1,) + feats.shape[1:]), self.model.lm.regions)
       return n * t * regions.shape[1] * 4 * 2  # the dots and their max
-    v = len(self.model.vocab) + 1
-    return n * (t + 1) * v * 4 * 3  # logits, log-softmax, gathered
+    lm, v = self.model.lm, len(self.model.vocab) + 1
+    # One step's per-pair values: cells' carry and gates, attention, logits.
+    att = (lm.attention_regions + 3) * lm.input_encoding_size if lm.attention_regions else 0
+    return n * 4 * (lm.num_layers * 8 * lm.rnn_size + att + 2 * v)
 
   def score(self, feats: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """[M, N] scores of sentences (words [M, T]) against images (features [N, ...])."""
-    n, (m, t) = feats.shape[0], tokens.shape
-    c = _chunk(m, self._per_sentence_bytes(n, t, feats), self.chunk_bytes)
+    t0 = time.time()
     if self.kind == "ranking":
-      x = _pad_rows(tokens.astype(np.int32), c)
-      fn = alignment_scorer(self.model.lm, c)
+      out = self._run(feats, tokens.astype(np.int32), alignment_scorer)
     else:
-      x = _pad_rows(caption_buffer(tokens), c)
-      fn = generative_scorer(self.model.lm, c)
-    feats = jnp.asarray(feats)
-    key = (self.kind, feats.shape, x.shape, c)
+      out = self._log_probs(feats, caption_buffer(tokens))
+    t1 = time.time()
+    if self.prior == "blank":
+      out = out - self.blank_scores(caption_buffer(tokens))[:, None]
+    self.timing = {"compile_s": round(self._compile_s, 2),
+                   "score_s": round(t1 - t0 - self._compile_s, 2)}
+    return out
+
+  def _log_probs(self, feats: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A captioner's [M, N] mean log P per token of LM inputs x [M, L]."""
+    order = np.argsort((x > 0).sum(-1), kind="stable")  # chunks of similar lengths
+    out = self._run(feats, x[order], generative_scorer, counted=True)
+    return out[np.argsort(order)]
+
+  def _run(self, feats, x: np.ndarray, scorer, counted: bool = False) -> np.ndarray:
+    """scorer(lm, chunk) over rows x [M, ...] in chunks -> [M, N]; compiled once
+    per shape, its compile time in self._compile_s."""
+    n, m = feats.shape[0], x.shape[0]
+    t = x.shape[1] - (0 if self.kind == "ranking" else 2)
+    c = _chunk(m, self._per_sentence_bytes(n, t, feats), self.chunk_bytes)
+    x = _pad_rows(x, c)
+    args = [self.head, jnp.asarray(feats), x]
+    if counted:  # the tokens scored: the words and END
+      args.append((x > 0).sum(-1).astype(np.int32) + 1)
+    key = (scorer.__name__, feats.shape, x.shape, c)
     t0 = time.time()
     if key not in self._compiled:
-      self._compiled[key] = jax.jit(fn).lower(self.head, feats, x).compile()
-    t1 = time.time()
-    out = np.asarray(self._compiled[key](self.head, feats, x))[:m]  # host sync
-    t2 = time.time()
-    if self.prior == "blank":
-      out = out - self.blank_scores(x[:m])[:, None]
-    self.timing = {"compile_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2)}
-    return out
+      self._compiled[key] = jax.jit(scorer(self.model.lm, c)).lower(*args).compile()
+    self._compile_s = time.time() - t0
+    return np.asarray(self._compiled[key](*args))[:m]  # host sync
 
   def blank_scores(self, x: np.ndarray) -> np.ndarray:
     """[M]: each sentence's (LM input [M, L]) score under a blank (black) image."""
     s = self.model.input_size
     blank = self.features(np.zeros((1, s, s, 3), np.uint8))
-    c = _chunk(len(x), self._per_sentence_bytes(1, x.shape[1] - 2, blank), self.chunk_bytes)
-    fn = jax.jit(generative_scorer(self.model.lm, c))
-    return np.asarray(fn(self.head, jnp.asarray(blank), _pad_rows(x, c)))[:len(x), 0]
+    return self._log_probs(blank, x)[:, 0]
 
   def groundings(self, feats: np.ndarray, tokens: np.ndarray):
     """Pairs (image k: feats [K, ...], sentence k: words [K, T]) -> (each word's

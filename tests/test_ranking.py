@@ -236,6 +236,33 @@ def test_generative_scores_are_mean_token_log_probs(shapes_dir):
   assert np.ptp(prior) > 0  # one value per sentence
 
 
+@pytest.mark.parametrize("overrides", [
+    {},  # the default: an LSTM attending over 3 x 3 regions
+    {"model.attention": False, "model.rnn_type": "rnn", "model.num_layers": 2},
+    {"model.attention": False, "model.image_every_step": True},
+])
+def test_generative_scores_in_chunks_of_mixed_lengths(shapes_dir, overrides):
+  """Chunks of 3 sentences of mixed lengths (run sorted by length) = each pair
+  teacher-forced on its own, for each kind of LM the pair step handles."""
+  from captionjax import inference
+  from captionjax import vocab as vocab_lib
+  from conftest import tiny_config
+  vocab = vocab_lib.Vocabulary.load(shapes_dir)
+  model = inference.random_model(tiny_config(shapes_dir, **overrides), vocab, 64, 16)
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+  tokens = _tokens(rng, 7, 16, len(vocab))
+  r = ranking.Ranker(model)
+  r.chunk_bytes = 3 * r._per_sentence_bytes(4, 16, None)  # pylint: disable=protected-access
+  with jax.default_matmul_precision("highest"):
+    got = r.score(r.features(images), tokens)
+    caps = ranking.caption_buffer(tokens)
+    logp = inference.token_log_probs(model, images, np.broadcast_to(caps[None], (4, 7, 18)))
+  counted = (tokens > 0).sum(-1) + 1
+  want = np.array([[logp[j, i, :counted[i]].mean() for j in range(4)] for i in range(7)])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- training and `captionjax rank`
 
 

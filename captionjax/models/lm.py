@@ -165,12 +165,13 @@ class LanguageModel(nn.Module):
     """The attention context [B, E] for word input x [B, E]."""
     cells, regions, keys = carry
     h = cells[-1][1] if self.rnn_type == "lstm" else cells[-1]  # top h [B, H]
+    x = jnp.broadcast_to(x, h.shape[:-1] + x.shape[-1:])  # (pair_step: [C, 1, E] -> [C, N, E])
     query = self.att_query(jnp.concatenate([h, x], axis=-1))  # -> [B, E]
-    scores = self.att_score(jnp.tanh(keys + query[:, None]))[..., 0]  # -> [B, P]
+    scores = self.att_score(jnp.tanh(keys + query[..., None, :]))[..., 0]  # -> [B, P]
     weights = jax.nn.softmax(at_least_f32(scores), axis=-1)
     # Kept only when "intermediates" is mutable (inference.attention_fn): where this word looked.
     self.sow("intermediates", "attention", weights)  # [B, P]
-    return jnp.einsum("bp,bpe->be", weights, regions)  # -> [B, E], at least float32
+    return jnp.einsum("...p,...pe->...e", weights, regions)  # -> [B, E], at least float32
 
   def _core(self, carry, x: jax.Array, train: bool):
     """One step of the layer stack: x [B, E] -> (carry, top h [B, H])."""
@@ -201,7 +202,31 @@ class LanguageModel(nn.Module):
 
   def step(self, carry, tokens: jax.Array, train: bool = False):
     """One decoding step: tokens [B] int32 -> (carry, logits [B, V+1] float32)."""
-    x = self.embed(tokens)  # -> [B, E]
+    return self._step(carry, self.embed(tokens), train)
+
+  def pair_carry(self, carry, c: int):
+    """`start`'s carry for N images -> pair_step's for C sentences x N images:
+    the cells' state tiled to [C, N, ...]; the image parts stay [N, ...]."""
+    def tile(cells):
+      return jax.tree.map(lambda a: jnp.broadcast_to(a[None], (c,) + a.shape), cells)
+    if self.attention or self.image_every_step:
+      return (tile(carry[0]),) + tuple(carry[1:])
+    return tile(carry)
+
+  def pair_step(self, carry, x: jax.Array, targets: jax.Array):
+    """One teacher-forced step of C sentences against N images, at inference.
+
+    carry: `pair_carry`'s; x: the C sentences' word embeddings at this step
+    [C, 1, E]; targets: their next tokens [C] int32 -> (carry, log P(targets)
+    [C, N]). The word side runs once per sentence where the model allows
+    (no attention: the first layer's input map runs on [C, 1, E]).
+    """
+    carry, logits = self._step(carry, x, train=False)  # -> [C, N, V+1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return carry, jnp.take_along_axis(logp, targets[:, None, None], axis=-1)[..., 0]
+
+  def _step(self, carry, x: jax.Array, train: bool):
+    """`step` on embedded words x [B, E] (or [C, 1, E] for pair_step)."""
     if self.attention:
       x = x + self._attend(carry, x)
       cells, h = self._core(carry[0], x, train)
