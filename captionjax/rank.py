@@ -62,6 +62,7 @@ def add_arguments(p):
   p.add_argument("--image", help="an image to annotate with --sentences")
   p.add_argument("--sentences", help="a text file, one sentence a line")
   p.add_argument("--batch_size", type=int, default=100, help="images per CNN batch")
+  p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
 def _say(msg: str) -> None:
@@ -78,7 +79,7 @@ def run(args) -> int:
       raise UsageError(str(e)) from None
     from captionjax import ranking  # pylint: disable=g-import-not-at-top
     try:
-      ranker = ranking.Ranker(model, prior=args.prior)
+      ranker = ranking.Ranker(model, prior=args.prior, progress=not args.no_progress)
     except ValueError as e:
       raise UsageError(str(e)) from None
     if args.query is not None:

@@ -24,6 +24,7 @@ END), D CNN feature size, P regions, H joint space, V vocabulary size.
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -38,6 +39,15 @@ from captionjax.models import ranking as ranking_lib
 KS = (1, 5, 10)
 CHUNK_BYTES = 256 << 20  # the largest intermediate of one chunk of sentences
 FILE = "ranking.json"
+CALLS = 20  # score() runs its chunks in this many calls at most (progress between them)
+PROGRESS_PAIRS = 1_000_000  # a progress bar from this many pairs
+
+
+def _progress(show: bool, total: int):
+  """A tqdm bar over `total` pairs on stderr (a no-op one when not `show`)."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, unit="pair", unit_scale=True, disable=not show, file=sys.stderr,
+              dynamic_ncols=True, desc="scoring")
 
 
 # ---------------------------------------------------------------- scoring all pairs
@@ -217,10 +227,12 @@ class Ranker:
   call's compile and run seconds.
   """
 
-  def __init__(self, model, prior: str = "none", chunk_bytes: int = CHUNK_BYTES):
+  def __init__(self, model, prior: str = "none", chunk_bytes: int = CHUNK_BYTES,
+               progress: bool = False):
     if prior not in ("none", "blank"):
       raise ValueError(f"prior must be 'none' or 'blank', got {prior!r}")
     self.model, self.prior, self.chunk_bytes = model, prior, chunk_bytes
+    self.progress = progress  # a progress bar (stderr) over the pairs of a large score()
     self.kind = build.model_kind(model.config)
     if self.kind == "ranking" and prior != "none":
       raise ValueError("--prior=blank is for a captioner (the alignment model has no prior)")
@@ -272,21 +284,29 @@ class Ranker:
     return out[np.argsort(order)]
 
   def _run(self, feats, x: np.ndarray, scorer, counted: bool = False) -> np.ndarray:
-    """scorer(lm, chunk) over rows x [M, ...] in chunks -> [M, N]; compiled once
-    per shape, its compile time in self._compile_s."""
+    """scorer(lm, chunk) over rows x [M, ...] -> [M, N], in up to CALLS calls
+    of one compiled program (a progress bar between them when self.progress);
+    its compile time in self._compile_s."""
     n, m = feats.shape[0], x.shape[0]
     t = x.shape[1] - (0 if self.kind == "ranking" else 2)
     c = _chunk(m, self._per_sentence_bytes(n, t, feats), self.chunk_bytes)
-    x = _pad_rows(x, c)
-    args = [self.head, jnp.asarray(feats), x]
-    if counted:  # the tokens scored: the words and END
-      args.append((x > 0).sum(-1).astype(np.int32) + 1)
-    key = (scorer.__name__, feats.shape, x.shape, c)
+    rows = c * -(-m // (c * CALLS))  # per call: whole chunks
+    x = _pad_rows(x, rows)
+    counts = (x > 0).sum(-1).astype(np.int32) + 1  # the tokens scored: the words and END
+    feats = jnp.asarray(feats)
+    key = (scorer.__name__, feats.shape, rows, x.shape[1], c)
     t0 = time.time()
     if key not in self._compiled:
+      args = [self.head, feats, x[:rows]] + ([counts[:rows]] if counted else [])
       self._compiled[key] = jax.jit(scorer(self.model.lm, c)).lower(*args).compile()
     self._compile_s = time.time() - t0
-    return np.asarray(self._compiled[key](*args))[:m]  # host sync
+    out = []
+    with _progress(self.progress and m * n >= PROGRESS_PAIRS, m * n) as bar:
+      for i in range(0, len(x), rows):
+        args = [self.head, feats, x[i:i + rows]] + ([counts[i:i + rows]] if counted else [])
+        out.append(np.asarray(self._compiled[key](*args)))  # host sync
+        bar.update(min(rows, m - i) * n)
+    return np.concatenate(out)[:m]
 
   def blank_scores(self, x: np.ndarray) -> np.ndarray:
     """[M]: each sentence's (LM input [M, L]) score under a blank (black) image."""
