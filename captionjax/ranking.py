@@ -269,12 +269,12 @@ class Ranker:
     if self.kind == "ranking":
       out = self._run(feats, tokens.astype(np.int32), alignment_scorer)
     else:
-      out = self._log_probs(feats, caption_buffer(tokens))
-    t1 = time.time()
+      x = caption_buffer(tokens)
+      out = self._log_probs(feats, x)
+    compile_s, t1 = self._compile_s, time.time()
     if self.prior == "blank":
-      out = out - self.blank_scores(caption_buffer(tokens))[:, None]
-    self.timing = {"compile_s": round(self._compile_s, 2),
-                   "score_s": round(t1 - t0 - self._compile_s, 2)}
+      out = out - self.blank_scores(x)[:, None]
+    self.timing = {"compile_s": round(compile_s, 2), "score_s": round(t1 - t0 - compile_s, 2)}
     return out
 
   def _log_probs(self, feats: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -205,6 +205,17 @@ def test_random_ranker_is_at_chance():
 # ---------------------------------------------------------------- the captioner as a ranker
 
 
+def _pair_by_pair(model, images, tokens):
+  """[M, N]: each sentence's mean log P of its words and END under each image,
+  the LM teacher-forced pair by pair (inference.token_log_probs)."""
+  from captionjax import inference
+  (m, t), n = tokens.shape, len(images)
+  caps = np.broadcast_to(ranking.caption_buffer(tokens)[None], (n, m, t + 2))
+  logp = inference.token_log_probs(model, images, caps)
+  counted = (tokens > 0).sum(-1) + 1
+  return np.array([[logp[j, i, :counted[i]].mean() for j in range(n)] for i in range(m)])
+
+
 def test_generative_scores_are_mean_token_log_probs(shapes_dir):
   """The chunked M x N program = log P of each sentence's words and END under
   the LM run pair by pair, divided by their number."""
@@ -221,17 +232,13 @@ def test_generative_scores_are_mean_token_log_probs(shapes_dir):
   feats = r.features(images)
   with jax.default_matmul_precision("highest"):
     got = ranking.Ranker(model, chunk_bytes=1).score(feats, tokens)  # chunks of 1 sentence
-    caps = ranking.caption_buffer(tokens)
-    logp = inference.token_log_probs(model, images, np.broadcast_to(caps[None], (3, 5, 18)))
+    want = _pair_by_pair(model, images, tokens)
   assert got.shape == (5, 3)
-  for i in range(5):
-    n = int((tokens[i] > 0).sum())
-    for j in range(3):
-      np.testing.assert_allclose(got[i, j], logp[j, i, :n + 1].mean(), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   blank = ranking.Ranker(model, prior="blank")
   with jax.default_matmul_precision("highest"):
     diff = blank.score(feats, tokens) - got
-    prior = blank.blank_scores(caps)
+    prior = blank.blank_scores(ranking.caption_buffer(tokens))
   np.testing.assert_allclose(diff, -np.broadcast_to(prior[:, None], (5, 3)), rtol=1e-4, atol=1e-4)
   assert np.ptp(prior) > 0  # one value per sentence
 
@@ -256,10 +263,7 @@ def test_generative_scores_in_chunks_of_mixed_lengths(shapes_dir, overrides):
   r.chunk_bytes = 3 * r._per_sentence_bytes(4, 16, None)  # pylint: disable=protected-access
   with jax.default_matmul_precision("highest"):
     got = r.score(r.features(images), tokens)
-    caps = ranking.caption_buffer(tokens)
-    logp = inference.token_log_probs(model, images, np.broadcast_to(caps[None], (4, 7, 18)))
-  counted = (tokens > 0).sum(-1) + 1
-  want = np.array([[logp[j, i, :counted[i]].mean() for j in range(4)] for i in range(7)])
+    want = _pair_by_pair(model, images, tokens)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
