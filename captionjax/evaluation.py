@@ -30,6 +30,7 @@ import numpy as np
 from captionjax import decode
 from captionjax import files
 from captionjax import input_pipeline
+from captionjax import parallel
 from captionjax import records
 from captionjax import steps
 from captionjax.models import build
@@ -49,7 +50,7 @@ def compute_features(cnn, params, batch_stats, splits: dict, batch_size: int,
     out = []
     for batch in input_pipeline.eval_batches(data, batch_size, 1, crop_size):
       f = fn(params, batch_stats, mesh_put(batch["image"]))
-      out.append(np.asarray(f)[batch["_mask"] > 0])
+      out.append(parallel.to_host(f)[batch["_mask"] > 0])
     features[name] = np.concatenate(out)
   return features
 
@@ -71,7 +72,7 @@ def caption_split(generate_fn, params, batch_stats, data, vocab, batch_size, mes
     if rng is not None:
       kw["rng"] = jax.random.fold_in(rng, n)
     tokens, scores = generate_fn(params, batch_stats, mesh_put(x), **kw)
-    tokens, scores = np.asarray(tokens), np.asarray(scores)  # host sync
+    tokens, scores = parallel.to_host(tokens), parallel.to_host(scores)  # host sync
     for i in np.nonzero(batch["_mask"])[0]:
       row = int(batch["row"][i])
       out.append({"image_id": int(data.image_id[row]), "file_name": data.file_name[row],
@@ -129,7 +130,7 @@ def mean_loss(eval_step, state, batches, keys, features, mesh_put) -> float:
     else:
       x["image"] = b["image"]
     m = eval_step(state["params"], state["batch_stats"], {k: mesh_put(v) for k, v in x.items()})
-    sums = {k: sums[k] + float(m[k]) for k in sums}
+    sums = {k: sums[k] + float(parallel.to_host(m[k])) for k in sums}
   return sums["loss_sum"] / max(sums["count"], 1)
 
 
@@ -207,6 +208,7 @@ def final_test(cnn, lm, params, batch_stats, config, data_dir, info, vocab, mesh
   """
   if build.model_kind(config) == "ranking":
     from captionjax import ranking  # pylint: disable=g-import-not-at-top
+    params, batch_stats = parallel.tree_to_host((params, batch_stats))
     return ranking.final_test(cnn, lm, params, batch_stats, config, data_dir, info, vocab,
                               mesh_put, workdir, t_start, say)
   options = decode.DecodeOptions.from_config(config)
@@ -227,7 +229,7 @@ def final_test(cnn, lm, params, batch_stats, config, data_dir, info, vocab, mesh
     refs = references(data_dir, split)
     scores = score_captions(caps, refs, data, meteor=True)
     scores["images_per_s"] = round(len(caps) / dt, 1)
-    if split == config.test_split:
+    if split == config.test_split and parallel.is_writer():
       files.write_json(os.path.join(workdir, "captions.json"), caps, indent=0)
       scores["human_ceiling"] = human_ceiling(refs, [c["image_id"] for c in caps])
     results[split] = scores
@@ -235,5 +237,6 @@ def final_test(cnn, lm, params, batch_stats, config, data_dir, info, vocab, mesh
   results["decoding"] = dataclasses.asdict(options)
   results["train_seconds"] = round(time.time() - t_start, 1)
   out = {**results.get(config.test_split, {}), "splits": results}
-  files.write_json(os.path.join(workdir, "scores.json"), out, indent=1)
+  if parallel.is_writer():
+    files.write_json(os.path.join(workdir, "scores.json"), out, indent=1)
   return out

@@ -31,6 +31,7 @@ import numpy as np
 
 from captionjax import checkpoints
 from captionjax import images as images_lib
+from captionjax import parallel
 from captionjax import vocab as vocab_lib
 from captionjax.models import build
 
@@ -285,6 +286,7 @@ class BatchCaptioner:
     self._fn, params, batch_stats = self._program(attention)
     self._params = jax.device_put(params)
     self._batch_stats = jax.device_put(batch_stats)
+    self._put = parallel.local_batch_putter(batch_size)  # split over the local devices
 
   def _program(self, attention: bool):
     """(jitted fn, params, batch_stats): images -> tokens, scores[, attention weights]."""
@@ -310,7 +312,7 @@ class BatchCaptioner:
     return jax.jit(fn), m.params, m.batch_stats
 
   def _run(self, images, rng):
-    return self._fn(self._params, self._batch_stats, images, rng, self._bad_endings)
+    return self._fn(self._params, self._batch_stats, self._put(images), rng, self._bad_endings)
 
   def compile(self) -> None:
     """Compiles now (else the first call does); the sampling seed stream is untouched."""

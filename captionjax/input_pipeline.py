@@ -249,15 +249,19 @@ def train_dataset(data: SplitData, batch_size: int, seq_per_img: int, seed: int,
                   process_index: int = 0, process_count: int = 1, threads: int = 2):
   """An endless stream of training batches, starting at position `start`.
 
-  Position k of process p is global stream position g = k * process_count + p;
-  epoch e = g // N visits the split in the permutation index_shuffle(seed, e).
+  Each of the `process_count` processes reads `batch_size` rows of every global
+  batch of batch_size * process_count, process p the p-th block: its position
+  k is global stream position g = (k // batch_size * process_count + p) *
+  batch_size + k % batch_size, so the global batches (and every example's
+  random choices) do not depend on the number of processes. Epoch e = g // N
+  visits the split in the permutation index_shuffle(seed, e).
   """
   tf = _tf()
   n = len(data)
   get = _example_fn(data)
 
   def element(k):
-    g = k * process_count + process_index
+    g = (k // batch_size * process_count + process_index) * batch_size + k % batch_size
     epoch, within = g // n, g % n
     i = tf.random.experimental.index_shuffle(within, [seed, epoch], n - 1)
     ex = get(i)

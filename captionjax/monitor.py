@@ -24,9 +24,13 @@ PLOTTED_SCORES = ("val_CIDEr", "val_Bleu_4", "val_ROUGE_L", "val_hallucination_f
 class Logger:
   """train_log.jsonl, TensorBoard scalars and text, and stdout lines."""
 
-  def __init__(self, workdir: str):
-    self.workdir = workdir
+  def __init__(self, workdir: str, write: bool = True):
+    """`write` False (processes other than 0 of a multi-process run): nothing at all."""
+    self.workdir, self.write = workdir, write
     self.path = os.path.join(workdir, LOG_FILE)
+    self.tb = None
+    if not write:
+      return
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -34,6 +38,8 @@ class Logger:
       self.tb = None
 
   def log(self, step: int, record: dict, echo=None):
+    if not self.write:
+      return
     record = {"step": int(step), **record, "time": round(time.time(), 3)}
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record) + "\n")
@@ -47,6 +53,8 @@ class Logger:
 
   def refresh_plots(self, say=print):
     """Redraws WORKDIR/plots/*.png from the log (skipped, with a note, without matplotlib)."""
+    if not self.write:
+      return
     try:
       plot_curves(self.workdir)
     except ImportError as e:

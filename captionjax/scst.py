@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from captionjax import decode
+from captionjax import parallel
 from captionjax import steps
 from captionjax.metrics.cider import CiderD
 
@@ -105,11 +106,11 @@ class Step:
 
   def __call__(self, state, batch, rng):
     out = self.sample(state, batch, rng)
-    samples = np.asarray(out["samples"])  # host sync -> [B, K, T]
+    samples = parallel.local_rows(out["samples"])  # host sync -> this process's [B, K, T]
     t0 = time.perf_counter()
-    rows = np.asarray(batch["row"])
+    rows = parallel.local_rows(batch["row"])
     if self.baseline == "greedy":
-      greedy = np.asarray(out["greedy"])[:, None]  # -> [B, 1, T]
+      greedy = parallel.local_rows(out["greedy"])[:, None]  # -> [B, 1, T]
       scores = self.reward.score(rows, np.concatenate([samples, greedy], 1))  # -> [B, K+1]
       rewards, adv_base = scores[:, :-1], scores[:, -1]
     else:
@@ -121,8 +122,10 @@ class Step:
     x.update({"image": batch["image"]} if self.mode == "finetune"
              else {"features": out["features"]})
     state, metrics = self.update(state, x, rng)
-    return state, {**metrics, "reward_sum": rewards.sum(), "baseline_sum": base.sum(),
-                   "advantage_sum": adv.sum(), "sample_length_sum": caption_lengths(samples).sum(),
+    sums = parallel.process_sum(np.array([  # every process's images (the same on each)
+        rewards.sum(), base.sum(), adv.sum(), caption_lengths(samples).sum()], np.float64))
+    return state, {**metrics, **dict(zip(
+        ("reward_sum", "baseline_sum", "advantage_sum", "sample_length_sum"), sums)),
                    "reward_ms_total": reward_ms}
 
 
@@ -155,5 +158,5 @@ def phase_parts(r, states, mode: str, features: dict, say=print):
   refs = evaluation.references(r.data_dir, "val") if r.val_data is not None else None
   validator = evaluation.Validator(
       r.cnn, r.lm, "features" if features else "frozen", r.val_data, refs, r.vocab, config,
-      r.info["max_length"], r.mesh_put, features.get("val"))
+      r.info["max_length"], r.eval_put, features.get("val"))
   return step, batch_fn, validator

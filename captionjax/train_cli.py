@@ -27,6 +27,14 @@ def add_arguments(p):
   p.add_argument("--start_from", default="",
                  help="initialize the model from another run's latest checkpoint "
                       "(NeuralTalk2's -start_from), e.g. to go on with CNN fine-tuning")
+  g = p.add_argument_group("several processes (one per host), README 'Many devices and hosts'")
+  g.add_argument("--coordinator", default="", metavar="HOST:PORT",
+                 help="process 0's address for JAX's distributed runtime")
+  g.add_argument("--num_processes", type=int, default=0, help="processes in the run")
+  g.add_argument("--process_id", type=int, default=-1, help="this process's index, 0..N-1")
+  g.add_argument("--distributed", action="store_true",
+                 help="start JAX's distributed runtime with what the cluster's environment "
+                      "says (SLURM, Open MPI, a Cloud TPU slice)")
   p.epilog = ("Set any config field with --config.FIELD=VALUE (dotted when nested: "
               "--config.model.rnn_size=512); captionjax/configs/default.py explains each.")
 
@@ -40,6 +48,8 @@ def run(args) -> int:
                               "with --config.FIELD=VALUE)")
   config = configs.load_config(args.config, [item[len("--config."):] for item in args.extra])
   from captionjax import api  # pylint: disable=g-import-not-at-top
+  from captionjax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
   try:
     api.train(config, args.workdir, progress=not args.no_progress,
               start_from=args.start_from or None)

@@ -44,6 +44,7 @@ from captionjax import files
 from captionjax import input_pipeline
 from captionjax import monitor
 from captionjax import optim
+from captionjax import parallel
 from captionjax import records
 from captionjax import scst
 from captionjax import steps
@@ -79,7 +80,9 @@ class Run:
   workdir: str
   ckpt: ckpt_lib.Checkpointer
   stop: ckpt_lib.StopOnSignal
-  mesh_put: Callable  # host numpy [B, ...] -> a global array split over "data"
+  placement: parallel.Placement  # the ("data", "model") mesh of all devices
+  mesh_put: Callable  # this process's rows of a training batch -> a global array
+  eval_put: Callable  # a whole evaluation batch (the same on every process) -> a global array
   data_dir: str
   info: dict  # the data set's dataset_info.json
   vocab: vocab_lib.Vocabulary
@@ -100,7 +103,7 @@ class Run:
 
   def save(self, state, phase: str) -> None:
     """Checkpoints `state` at the current step (monitor.Diverged if it is not finite)."""
-    host = jax.tree_util.tree_map(np.array, jax.device_get(state))  # host sync
+    host = parallel.tree_to_host(state)  # host sync (gathered from every process)
     monitor.check_finite(host, where=f"step {self.step}: ")
     self.ckpt.save(self.step, host, host_copy=True, meta={
         "step": self.step, "phase": phase, **self.meta, "data_position": self.position,
@@ -127,13 +130,14 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
   """
   t_start = time.time()
   ckpt_lib.check_workdir(workdir)
+  place = _placement(config)  # bad device counts fail before the checkpointer starts
   ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, cleanup=True)
   latest = ckpt.latest_step()
   if latest is not None:  # said first, before the slow parts
     say(f"resuming from step {latest}: {ckpt.path(latest)}")
   try:
     with ckpt_lib.StopOnSignal() as stop:  # SIGTERM/SIGINT: checkpoint and stop
-      return _train(config, workdir, progress, start_from, ckpt, latest, stop, t_start)
+      return _train(config, workdir, progress, start_from, ckpt, latest, stop, t_start, place)
   except ckpt_lib.Preempted as e:
     if e.saved:
       raise
@@ -146,23 +150,29 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
     ckpt.manager.close()
 
 
-def _train(config, workdir, progress, start_from, ckpt, latest, stop, t_start) -> dict:
-  """train_and_evaluate's body, with the checkpointer and signal handlers in place."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+def _placement(config) -> parallel.Placement:
+  """The devices' mesh: batches split over "data"; one device is the trivial mesh."""
+  place = parallel.Placement.create(config.get("model_parallel", 1))
+  place.check_batch(config.batch_size, "config.batch_size")
+  if config.eval_batch_size % place.data_size:  # rounded up: padding is never scored
+    n = -(-config.eval_batch_size // place.data_size) * place.data_size
+    say(f"note: config.eval_batch_size={config.eval_batch_size} -> {n}, a multiple of the "
+        f"{place.data_size} devices")
+    config.eval_batch_size = n
+  if jax.process_count() > 1:
+    say(f"process {jax.process_index()} of {jax.process_count()}: "
+        f"{jax.local_device_count()} of {jax.device_count()} devices")
+  return place
 
-  # ---- mesh: the batch is split over a "data" axis; one device is the trivial mesh.
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-  if config.batch_size % jax.device_count():
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
-                     f"the {jax.device_count()} devices")
-  mesh_put = lambda x: jax.make_array_from_process_local_data(data_sharding, np.asarray(x))
+
+def _train(config, workdir, progress, start_from, ckpt, latest, stop, t_start, place) -> dict:
+  """train_and_evaluate's body, with the checkpointer and signal handlers in place."""
 
   # ---- data
   data_dir = input_pipeline.data_dir_for(config)
   info = records.load_info(data_dir)
   load = lambda split: input_pipeline.load_config_split(config, data_dir, split)
-  r = Run(config, workdir, ckpt, stop, mesh_put, data_dir, info,
+  r = Run(config, workdir, ckpt, stop, place, place.batch, place.everywhere, data_dir, info,
           vocab_lib.Vocabulary.load(data_dir), load("train"),
           load("val") if "val" in info["splits"] else None, progress=progress, saved_step=latest)
   say(f"data: {data_dir}: {len(r.train_data)} training images, vocabulary {len(r.vocab)}")
@@ -179,16 +189,15 @@ def _train(config, workdir, progress, start_from, ckpt, latest, stop, t_start) -
   # ---- train state: fresh, from --start_from, or restored exactly from the checkpoint
   states, state, pretrain = _start_or_resume(r, latest, start_from, params, batch_stats,
                                              feat_dim, heads_rng)
-  state = jax.device_put(state, replicated)
+  state = place.state(state)
 
   # ---- phase 1: the CNN learns the objects
   if pretrain and r.step < pretrain:
     say(f"phase 1: CNN object pretraining, {pretrain} steps")
     state = run_phase(r, pretrain_phase(r, states, pretrain), state)
   if pretrain and "heads" in state["params"]:
-    p, bs = jax.device_get((state["params"], state["batch_stats"]))
-    state = jax.device_put(states.caption({**states.params, "cnn": p["cnn"]}, bs, r.step),
-                           replicated)
+    p, bs = parallel.tree_to_host((state["params"], state["batch_stats"]))
+    state = place.state(states.caption({**states.params, "cnn": p["cnn"]}, bs, r.step))
 
   # ---- phase 2: captions (frozen or cached CNN, then fine-tuning); phase 3: SCST
   for phase in caption_phases(r, states, state, pretrain) + scst_phases(r, states, state, pretrain):
@@ -197,8 +206,8 @@ def _train(config, workdir, progress, start_from, ckpt, latest, stop, t_start) -
 
   # ---- final: caption the test split(s) with beam search, score, write the results
   out = evaluation.final_test(
-      r.cnn, r.lm, jax.device_get(state["params"]), jax.device_get(state["batch_stats"]),
-      config, data_dir, info, r.vocab, mesh_put, workdir, t_start, say)
+      r.cnn, r.lm, state["params"], state["batch_stats"],
+      config, data_dir, info, r.vocab, place.everywhere, workdir, t_start, say)
   r.logger.log(r.step, {"phase": "test", **{k: v for k, v in out.items()
                                             if isinstance(v, (int, float))}}, echo=say)
   r.logger.refresh_plots(say)
@@ -224,8 +233,9 @@ def _start_or_resume(r: Run, latest, start_from, params, batch_stats, feat_dim, 
     params, batch_stats = ckpt_lib.load_start_from(start_from, config, r.vocab, params,
                                                    batch_stats, say)
   started_from = meta.get("started_from") if meta is not None else start_from
-  files.write_text(os.path.join(r.workdir, "config.json"), config.to_json_best_effort(indent=1))
-  r.vocab.save(os.path.join(r.workdir, "vocab.json"))
+  if parallel.is_writer():
+    files.write_text(os.path.join(r.workdir, "config.json"), config.to_json_best_effort(indent=1))
+    r.vocab.save(os.path.join(r.workdir, "vocab.json"))
   pretrain = config.cnn_pretrain_steps if all(o is not None for o in r.train_data.objects) else 0
   if config.cnn_pretrain_steps and not pretrain:
     say("note: the data set has no object labels; CNN pretraining skipped")
@@ -251,7 +261,7 @@ def _start_or_resume(r: Run, latest, start_from, params, batch_stats, feat_dim, 
     say(f"resumed at step {r.step} of {r.total_steps} ({meta['phase']} phase, input position "
         f"{r.position})")
   ckpt_lib.check_free_space(r.workdir, state)
-  r.logger = monitor.Logger(r.workdir)
+  r.logger = monitor.Logger(r.workdir, write=parallel.is_writer())
   return states, state, pretrain
 
 
@@ -282,7 +292,7 @@ def caption_phases(r: Run, states: optim.TrainStates, state, pretrain: int) -> l
 
   val_refs = evaluation.references(r.data_dir, "val") if r.val_data is not None else None
   validator = lambda m: evaluation.validator_for(
-      r.cnn, r.lm, m, r.val_data, val_refs, r.vocab, config, r.info["max_length"], r.mesh_put,
+      r.cnn, r.lm, m, r.val_data, val_refs, r.vocab, config, r.info["max_length"], r.eval_put,
       features.get("val"))
   lr_at = jax.jit(states.lr_schedule)  # compiled once (eager calls compile per halving count)
   lr = lambda s: float(lr_at(np.int32(s)))
@@ -310,7 +320,7 @@ def cached_features(r: Run, state) -> dict:
     t0 = time.time()
     splits = {"train": r.train_data, **({"val": r.val_data} if r.val_data is not None else {})}
     r.features = evaluation.compute_features(r.cnn, state["params"]["cnn"], state["batch_stats"],
-                                             splits, r.config.eval_batch_size, r.mesh_put,
+                                             splits, r.config.eval_batch_size, r.eval_put,
                                              r.config.crop_size)
     say(f"features: {r.features['train'].shape} computed in {time.time() - t0:.1f}s")
   return r.features
@@ -325,8 +335,8 @@ def scst_phases(r: Run, states: optim.TrainStates, state, pretrain: int) -> list
   step, batch_fn, validator = scst.phase_parts(r, states, mode, features, say)
   return [Phase(PHASE_SCST, step, batch_fn, pretrain + r.config.num_train_steps, r.total_steps,
                 validator, lambda _: float(r.config.scst_learning_rate), guard="reward",
-                jit=False, start=lambda s: jax.device_put(  # placed as the state it replaces
-                    states.scst(s["params"], s["batch_stats"], r.step), s["step"].sharding))]
+                jit=False, start=lambda s: r.placement.state(
+                    states.scst(s["params"], s["batch_stats"], r.step)))]
 
 
 def run_phase(r: Run, phase: Phase, state):
@@ -343,10 +353,10 @@ def run_phase(r: Run, phase: Phase, state):
     say(phase.announce.format(step=r.step))
   if phase.start is not None and r.step == phase.first:
     state = phase.start(state)
-  local_batch = config.batch_size // jax.process_count()
+  procs = jax.process_count()  # r.position counts the examples of all processes
   it = input_pipeline.TrainIterator(
-      r.train_data, local_batch, seq_per_img=config.seq_per_img, seed=config.seed,
-      start=r.position if r.step > phase.first else 0, crop_size=config.crop_size,
+      r.train_data, config.batch_size // procs, seq_per_img=config.seq_per_img, seed=config.seed,
+      start=r.position // procs if r.step > phase.first else 0, crop_size=config.crop_size,
       flip=config.flip, process_index=jax.process_index(), process_count=jax.process_count())
   jstep = phase.step_fn
   if phase.jit:
@@ -364,7 +374,7 @@ def run_phase(r: Run, phase: Phase, state):
       state, metrics = jstep(state, batch, r.rng)
       log.add(r.step, state, metrics, t0)
       r.step += 1
-      r.position = it.position
+      r.position = it.position * procs
       bar.update()
       checkpoint = r.step % config.checkpoint_every_steps == 0 or r.step == last
       if r.step % config.log_every_steps == 0 or r.step == last:

@@ -33,7 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.shapes.cache_dir = ""  # where the set is written ("" = ~/.cache/captionjax)
   c.blank_images = False  # replace every image by a blank one (an image-blind baseline)
   c.seq_per_img = 5  # captions per image in a batch (NeuralTalk2's seq_per_img)
-  c.batch_size = 32  # images per batch (all hosts together)
+  c.batch_size = 32  # images per batch (all hosts together; split over the devices)
+  # Devices per group that splits the large 2-D arrays (embeddings, output and fc
+  # layers) and their Adam moments; 1 = every device holds the whole model (parallel.py).
+  c.model_parallel = 1
   c.crop_size = 0  # random crop in training, center crop in evaluation (0 = none)
   c.flip = False  # random horizontal flips (off: captions say "left" and "right")
   c.seed = 0  # seeds parameters, data order and dropout
