@@ -54,11 +54,12 @@ def is_writer() -> bool:
 
 
 def to_host(x) -> np.ndarray:
-  """A (global) array as numpy on every process: gathered when split across processes."""
+  """A (global) array as numpy on every process, gathered when split across
+  processes; a copy of its own (never a view of a buffer a step may donate)."""
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
+    return np.array(jax.device_get(x))
   if x.is_fully_replicated:
-    return np.asarray(x.addressable_data(0))
+    return np.array(x.addressable_data(0))
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

@@ -142,15 +142,22 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_two_devices(tmp_path, shapes_dir,
-                                                          jax_compilation_cache):
+def test_two_processes_resume_a_two_device_run_and_match_it(tmp_path, shapes_dir,
+                                                            jax_compilation_cache):
   two, procs = str(tmp_path / "two_devices"), str(tmp_path / "two_processes")
+  bad = _start(str(tmp_path / "bad"), shapes_dir, jax_compilation_cache, 2, batch_size=7)
+  _finish(*_start(two, shapes_dir, jax_compilation_cache, 2))
+  text = _finish(*bad, rc=2).strip().splitlines()
+  assert "config.batch_size=7 is not divisible by the 2 devices" in text[-1], text[-3:]
+  assert not os.path.exists(str(tmp_path / "bad" / "checkpoints"))  # before anything started
+
+  # Its checkpoint of step 3, continued by 2 processes of 1 device each.
+  _back_to_step(two, procs, 3)
   flags = [f"--coordinator=localhost:{_free_port()}", "--num_processes=2"]
   runs = [_start(procs, shapes_dir, jax_compilation_cache, 1, *flags, f"--process_id={i}",
                  name=f"p{i}") for i in range(2)]
-  runs.append(_start(two, shapes_dir, jax_compilation_cache, 2))
-  bad = _start(str(tmp_path / "bad"), shapes_dir, jax_compilation_cache, 2, batch_size=7)
   out = [_finish(*r) for r in runs]
+  assert all("resumed at step 3 of 6" in o for o in out)
   _assert_same_losses(procs, two)
   assert "process 1 of 2" in out[1] and "step=6 phase=test" in out[0]
   assert "step=" not in out[1]  # process 1 neither logs nor echoes
@@ -159,9 +166,6 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path, shapes_dir,
     with open(os.path.join(two, "scores.json"), encoding="utf-8") as g:
       a, b = json.load(f), json.load(g)
   assert a["CIDEr"] == pytest.approx(b["CIDEr"], abs=1e-6)  # every test image, once
-  text = _finish(*bad, rc=2).strip().splitlines()
-  assert "config.batch_size=7 is not divisible by the 2 devices" in text[-1], text[-3:]
-  assert not os.path.exists(str(tmp_path / "bad" / "checkpoints"))  # before anything started
 
 
 @pytest.mark.parametrize("flags, message", [
