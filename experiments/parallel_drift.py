@@ -21,7 +21,6 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
 
 from captionjax import configs  # pylint: disable=wrong-import-position
 from captionjax import input_pipeline  # pylint: disable=wrong-import-position

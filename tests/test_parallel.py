@@ -108,7 +108,8 @@ def test_four_devices_then_restored_on_one_and_two(tmp_path, shapes_dir, jax_com
   _back_to_step(four, str(tmp_path / "on_one"), 3)
   proc = _start(str(tmp_path / "on_two"), shapes_dir, jax_compilation_cache, 2,
                 model_parallel=2)
-  # `captionjax caption` of 8 images in batches of 4, one image per device.
+  # `captionjax caption` from the 4-device checkpoint, of 8 images in batches of 4:
+  # on 4 devices (one image each) and on this process's one CPU, the same captions.
   caption = ["caption", f"--checkpoint={four}", f"--images={shapes_dir}/../images",
              "--num_images=8", "--batch_size=4", "--no_progress"]
   captioning = _popen([*caption, f"--output={tmp_path / 'four.json'}"],
@@ -127,13 +128,6 @@ def test_four_devices_then_restored_on_one_and_two(tmp_path, shapes_dir, jax_com
   for run in ("on_one", "on_two"):
     _assert_same_losses(str(tmp_path / run), one, steps=[4, 5, 6])
     assert _losses(str(tmp_path / run)).keys() == _losses(one).keys()
-
-  # `captionjax caption` on this one CPU, from the 4-device checkpoint.
-  import captionjax
-  from PIL import Image
-  image = Image.open(os.path.join(shapes_dir, "..", "images", "test_00000.png"))
-  [a], [b] = captionjax.load(four).caption([image]), captionjax.load(one).caption([image])
-  assert a.text == b.text and a.logprob == pytest.approx(b.logprob, rel=1e-3)
 
 
 def _free_port() -> int:
