@@ -7,6 +7,7 @@ this process, while they run. The tiny recipe, shortened: 2 CNN pretraining
 steps, then 4 caption steps, a checkpoint at step 3.
 """
 
+import ast
 import json
 import os
 import shutil
@@ -172,3 +173,23 @@ def test_bad_distributed_flags_are_one_line(tmp_path, shapes_dir, capsys, flags,
   assert cli.main(["train", f"--workdir={tmp_path / 'w'}", *tiny_args(shapes_dir), *flags]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and message in err[0], err
+
+
+SPLIT_CHECK = """
+import jax, numpy as np
+from captionjax import parallel
+place = parallel.Placement.create(model_parallel=2)
+state = place.state({"big": np.ones((300, 256), np.float32), "small": np.ones((8, 4), np.float32),
+                     "odd": np.ones((300, 257), np.float32), "vector": np.ones(70000, np.float32)})
+print({k: [tuple(s.data.shape) for s in v.addressable_shards] for k, v in state.items()})
+print(float(parallel.to_host(state["big"]).sum()))
+"""
+
+
+def test_model_parallel_splits_the_large_2d_arrays():
+  out = subprocess.run([sys.executable, "-c", SPLIT_CHECK], env=_env(2, ""), text=True,
+                       capture_output=True, timeout=TIMEOUT, check=True).stdout.splitlines()
+  shards = ast.literal_eval(out[0])
+  assert shards == {"big": [(300, 128), (300, 128)], "small": [(8, 4), (8, 4)],
+                    "odd": [(300, 257), (300, 257)], "vector": [(70000,), (70000,)]}
+  assert float(out[1]) == 300 * 256  # gathered whole
