@@ -49,7 +49,7 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
 
 
 def is_writer() -> bool:
-  """True in the process that writes logs, plots, JSON and checkpoints' metadata."""
+  """True in the one process that writes logs, plots and JSON files (process 0)."""
   return jax.process_index() == 0
 
 

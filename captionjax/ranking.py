@@ -33,6 +33,7 @@ import numpy as np
 
 from captionjax import evaluation
 from captionjax import input_pipeline
+from captionjax import parallel
 from captionjax.models import build
 from captionjax.models import ranking as ranking_lib
 
@@ -450,7 +451,7 @@ def final_test(cnn, model, params, batch_stats, config, data_dir, info, vocab, m
   ranker = Ranker(loaded)
   result, *_ = rank_split(ranker, data, config.rank_num_images, config.eval_batch_size)
   result.update(split=split, train_seconds=round(time.time() - t_start, 1))
-  if jax.process_index() == 0:  # the writing process (parallel.is_writer)
+  if parallel.is_writer():
     write_result(os.path.join(workdir, FILE), result)
   print_table(result, say)
   return {**result, **flat(result)}

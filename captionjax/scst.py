@@ -39,7 +39,13 @@ class Reward:
   (document frequencies over the N images); `score` then takes token arrays.
   """
 
-  def __init__(self, data, vocab):
+  def __init__(self, data, vocab, hallucination_penalty: float = 0.0):
+    """`hallucination_penalty` > 0: the reward loses this much for each shape a
+    caption names that is not in the image (needs the data set's object labels)."""
+    if hallucination_penalty and any(o is None for o in data.objects):
+      raise ValueError("config.scst_hallucination_penalty needs object labels (the shapes "
+                       "data set); this data set has none")
+    self.penalty, self.objects, self.vocab = hallucination_penalty, data.objects, vocab
     refs = {}
     for row in range(len(data)):
       caps = [vocab.decode(c) for c in data.captions[row, :int(data.num_captions[row])]]
@@ -48,8 +54,16 @@ class Reward:
     self.scorer = CiderD(refs, vocab=["<end>"] + list(vocab.words))
 
   def score(self, rows, tokens) -> np.ndarray:
-    """float64 [B, K]: CIDEr-D of tokens int [B, K, T] (0 = END) for images `rows` [B]."""
-    return self.scorer.score([int(r) for r in rows], np.asarray(tokens))
+    """float64 [B, K]: CIDEr-D of tokens int [B, K, T] (0 = END) for images `rows` [B],
+    less the hallucination penalty."""
+    tokens = np.asarray(tokens)
+    rewards = self.scorer.score([int(r) for r in rows], tokens)
+    if self.penalty:
+      from captionjax import shapes  # pylint: disable=g-import-not-at-top
+      for (b, k), _ in np.ndenumerate(rewards):
+        caption = self.vocab.decode(tokens[b, k])
+        rewards[b, k] -= self.penalty * shapes.hallucinations(caption, self.objects[rows[b]])
+    return rewards
 
 
 def advantages(rewards: np.ndarray, baseline: str, greedy_rewards=None):
@@ -149,7 +163,8 @@ def phase_parts(r, states, mode: str, features: dict, say=print):
   from captionjax import evaluation  # pylint: disable=g-import-not-at-top
   config, t0 = r.config, time.time()
   step = Step(r.cnn, r.lm, states, config, mode, r.info["max_length"] + 1,
-              Reward(r.train_data, r.vocab), r.mesh_put)
+              Reward(r.train_data, r.vocab, config.get("scst_hallucination_penalty", 0.0)),
+              r.mesh_put)
   say(f"phase 3: self-critical training, {config.scst_steps} steps ({mode} CNN, "
       f"{config.scst_samples} samples per image, {config.scst_baseline} baseline; the reward's "
       f"references in {time.time() - t0:.1f}s)")

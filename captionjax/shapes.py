@@ -264,14 +264,18 @@ def mentions(caption: str) -> list[tuple[str | None, str]]:
   return out
 
 
-def hallucination_free(caption: str, objects: list[dict]) -> bool:
-  """True when every shape (and its color, if said) the caption mentions is there."""
+def hallucinations(caption: str, objects: list[dict]) -> int:
+  """How many of the shapes the caption mentions (with their colors, where said)
+  are not in the image."""
   present = {(o["color"], o["shape"]) for o in objects}
   shapes = {o["shape"] for o in objects}
-  for color, shape in mentions(caption):
-    if shape not in shapes or (color is not None and (color, shape) not in present):
-      return False
-  return True
+  return sum(shape not in shapes or (color is not None and (color, shape) not in present)
+             for color, shape in mentions(caption))
+
+
+def hallucination_free(caption: str, objects: list[dict]) -> bool:
+  """True when every shape (and its color, if said) the caption mentions is there."""
+  return hallucinations(caption, objects) == 0
 
 
 def names_exactly(caption: str, objects: list[dict]) -> bool:

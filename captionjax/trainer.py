@@ -174,7 +174,8 @@ def _train(config, workdir, progress, start_from, ckpt, latest, stop, t_start, p
   load = lambda split: input_pipeline.load_config_split(config, data_dir, split)
   r = Run(config, workdir, ckpt, stop, place, place.batch, place.everywhere, data_dir, info,
           vocab_lib.Vocabulary.load(data_dir), load("train"),
-          load("val") if "val" in info["splits"] else None, progress=progress, saved_step=latest)
+          load("val") if "val" in info["splits"] else None,
+          progress=progress and parallel.is_writer(), saved_step=latest)
   say(f"data: {data_dir}: {len(r.train_data)} training images, vocabulary {len(r.vocab)}")
   input_pipeline.check_splits(data_dir, [config.test_split, *config.extra_test_splits])
 

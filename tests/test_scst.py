@@ -69,6 +69,31 @@ def test_reward_equals_the_cider_d_scorer_per_sample(shapes_dir):
   assert (got[:, 0] > got[:, 1]).mean() > 0.9  # its own reference beats another image's
 
 
+def test_hallucination_penalty_counts_the_absent_shapes(shapes_dir):
+  """The penalized reward = CIDEr-D - penalty x the shapes named that the image
+  lacks (counted independently here), on captions naming 0, 1 and 2 absent shapes."""
+  from captionjax import input_pipeline
+  from captionjax import scst
+  from captionjax import shapes
+  from captionjax import vocab as vocab_lib
+  data = input_pipeline.load_split(shapes_dir, "train")
+  vocab = vocab_lib.Vocabulary.load(shapes_dir)
+  plain, penalized = scst.Reward(data, vocab), scst.Reward(data, vocab, 0.75)
+  rows = np.arange(12)
+  tokens = np.zeros((12, 3, data.max_length + 1), np.int32)
+  for r in rows:
+    o = data.objects[r][0]
+    absent = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES
+              if s not in {x["shape"] for x in data.objects[r]}][:2]
+    texts = [f"a {o['color']} {o['shape']}", f"a {absent[0][0]} {absent[0][1]}",
+             f"a {absent[0][0]} {absent[0][1]} and a {absent[1][0]} {absent[1][1]}"]
+    for k, text in enumerate(texts):
+      ids = [vocab.word_to_ix[w] for w in text.split()]
+      tokens[r, k, :len(ids)] = ids
+  got = penalized.score(rows, tokens) - plain.score(rows, tokens)
+  np.testing.assert_allclose(got, np.broadcast_to([0.0, -0.75, -1.5], (12, 3)))
+
+
 def test_advantages_greedy_and_mean_baselines():
   from captionjax import scst
   rewards = np.random.default_rng(1).random((6, 5)) * 4  # -> [B, K]

@@ -113,6 +113,9 @@ def add_scst_fields(c: ml_collections.ConfigDict) -> None:
   c.scst_samples = 5  # captions sampled per image at each step (K)
   c.scst_baseline = "greedy"  # "greedy": the greedy caption's reward; "mean": the other K-1 samples'
   c.scst_finetune_cnn = True  # go on fine-tuning the CNN in SCST if the caption phase did
+  # Subtracted from a sample's reward for each shape it names that the image lacks
+  # (the shapes data set's object labels; 0 = plain CIDEr-D).
+  c.scst_hallucination_penalty = 0.0
 
 
 def add_decoding_fields(c: ml_collections.ConfigDict) -> None:
