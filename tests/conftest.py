@@ -13,19 +13,6 @@ import pytest  # pylint: disable=g-import-not-at-top
 
 TINY_SPLITS = {"train": 96, "val": 20, "test": 20, "novel": 10}
 
-# The longest tests (1 to 2 minutes each) run first, so that `pytest -n 2`
-# does not end with one worker still on one of them while the other waits.
-LONGEST_FIRST = ("test_scripts.py::test_scripts_dry_run_end_to_end_and_resumable",
-                 "test_parallel.py::test_four_devices_then_restored_on_one_and_two",
-                 "test_parallel.py::test_two_processes_resume_a_two_device_run_and_match_it",
-                 "test_resume.py::test_kill9_mid_save_then_sigterm_then_exact_resume")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  key = lambda item: rank.get(item.nodeid.split("/")[-1], len(rank))
-  items.sort(key=key)  # stable: the others keep their order
-
 
 @pytest.fixture(scope="session", autouse=True)
 def jax_compilation_cache(tmp_path_factory):
