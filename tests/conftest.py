@@ -1,5 +1,11 @@
-"""Shared fixtures: small generated data sets, made once per test session."""
+"""Shared fixtures: small generated data sets, made once per test session.
 
+Under pytest-xdist the session fixtures that make data, train runs or fill
+the JAX compilation cache are shared by all workers of the run: the first
+worker makes them, the others wait for it and reuse them (`_shared`).
+"""
+
+import contextlib
 import html.parser
 import os
 
@@ -14,13 +20,37 @@ import pytest  # pylint: disable=g-import-not-at-top
 TINY_SPLITS = {"train": 96, "val": 20, "test": 20, "novel": 10}
 
 
+def _shared_path(tmp_path_factory, name: str) -> str:
+  """A folder every xdist worker of this run shares (this process's own without xdist)."""
+  uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  if not uid:
+    return str(tmp_path_factory.mktemp(name))
+  path = tmp_path_factory.getbasetemp().parent / f"{name}-{uid[:12]}"
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
+@contextlib.contextmanager
+def _shared(path: str):
+  """Yields True in the one process that must make `path` (the others wait for it,
+  then get False); a failed attempt leaves it to the next."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  with open(path + ".lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    done = path + ".done"
+    make = not os.path.exists(done)
+    yield make
+    if make:
+      open(done, "w", encoding="utf-8").close()  # pylint: disable=consider-using-with
+
+
 @pytest.fixture(scope="session", autouse=True)
 def jax_compilation_cache(tmp_path_factory):
   """One persistent JAX compilation cache per session, also handed to the
   `captionjax train` subprocesses (JAX_COMPILATION_CACHE_DIR): they load what
   this process compiled (trained_workdir) instead of compiling it again."""
   import jax
-  path = str(tmp_path_factory.mktemp("jax_cache"))
+  path = _shared_path(tmp_path_factory, "jax_cache")
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -53,7 +83,7 @@ def highest_matmul_precision():
 def shapes_dir(tmp_path_factory):
   """A tiny shapes data set, generated and preprocessed (64 px)."""
   from captionjax import shapes
-  root = str(tmp_path_factory.mktemp("shapes"))
+  root = _shared_path(tmp_path_factory, "shapes")  # prepare() takes turns
   return shapes.prepare(root, TINY_SPLITS, image_size=64, seed=0, num_workers=1)
 
 
@@ -93,16 +123,25 @@ def tiny_config(data_dir: str, **overrides):
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory, shapes_dir):
   """A workdir with a finished tiny run of `captionjax train` (checkpoints, logs,
-  captions, scores), run in this process with jax.log_compiles on.
+  captions, scores), run in process with jax.log_compiles on.
 
   WORKDIR.events.txt lists, in order, each compilation ("compile NAME") and
   each train_log record ("log STEP PHASE"), for the recompilation test.
+  Under xdist one worker trains it and the others reuse it.
   """
+  workdir = _shared_path(tmp_path_factory, "run")
+  with _shared(workdir) as make:
+    if make:
+      _train_with_events(workdir, shapes_dir)
+  return workdir
+
+
+def _train_with_events(workdir: str, shapes_dir: str) -> None:
+  """trained_workdir's run, with its WORKDIR.events.txt."""
   import logging
   import jax
   from captionjax import cli
   from captionjax import monitor
-  workdir = str(tmp_path_factory.mktemp("run"))
   events = []
 
   class Compiles(logging.Handler):
@@ -134,7 +173,6 @@ def trained_workdir(tmp_path_factory, shapes_dir):
   assert rc == 0, f"captionjax train exited with {rc}"
   with open(workdir + ".events.txt", "w", encoding="utf-8") as f:
     f.write("\n".join(events) + "\n")
-  return workdir
 
 
 # The tiny set's 96 training images need a CNN pretrained longer than the
@@ -157,10 +195,13 @@ def tiny_ranking_config(data_dir: str, **overrides):
 def ranking_workdir(tmp_path_factory, shapes_dir):
   """A workdir with a finished tiny run of `captionjax train --config=ranking`."""
   from captionjax import cli
-  workdir = str(tmp_path_factory.mktemp("ranking_run"))
-  args = tiny_args(shapes_dir, **{k.replace(".", "__"): v for k, v in RANKING_OVERRIDES.items()})
-  rc = cli.main(["train", "--config=ranking", f"--workdir={workdir}", "--no_progress", *args])
-  assert rc == 0, f"captionjax train --config=ranking exited with {rc}"
+  workdir = _shared_path(tmp_path_factory, "ranking_run")
+  with _shared(workdir) as make:
+    if make:
+      args = tiny_args(shapes_dir, **{k.replace(".", "__"): v
+                                      for k, v in RANKING_OVERRIDES.items()})
+      rc = cli.main(["train", "--config=ranking", f"--workdir={workdir}", "--no_progress", *args])
+      assert rc == 0, f"captionjax train --config=ranking exited with {rc}"
   return workdir
 
 
