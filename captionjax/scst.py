@@ -136,7 +136,7 @@ class Step:
     x.update({"image": batch["image"]} if self.mode == "finetune"
              else {"features": out["features"]})
     state, metrics = self.update(state, x, rng)
-    sums = parallel.process_sum(np.array([  # every process's images (the same on each)
+    sums = parallel.process_sum(np.array([  # over every process's images, the same on each
         rewards.sum(), base.sum(), adv.sum(), caption_lengths(samples).sum()], np.float64))
     return state, {**metrics, **dict(zip(
         ("reward_sum", "baseline_sum", "advantage_sum", "sample_length_sum"), sums)),
