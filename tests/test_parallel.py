@@ -193,3 +193,17 @@ def test_model_parallel_splits_the_large_2d_arrays():
   assert shards == {"big": [(300, 128), (300, 128)], "small": [(8, 4), (8, 4)],
                     "odd": [(300, 257), (300, 257)], "vector": [(70000,), (70000,)]}
   assert float(out[1]) == 300 * 256  # gathered whole
+
+
+def test_flags_reach_jax_distributed(monkeypatch):
+  """--coordinator/--num_processes/--process_id go to jax.distributed.initialize as
+  they are; --distributed alone calls it with nothing (the cluster's environment)."""
+  import jax
+  from captionjax import parallel
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  parallel.initialize()  # a single process: nothing started
+  parallel.initialize("10.0.0.1:1234", 4, 3)
+  parallel.initialize(auto=True)
+  assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                    "process_id": 3}, {}]
