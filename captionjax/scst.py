@@ -164,7 +164,7 @@ def phase_parts(r, states, mode: str, features: dict, say=print):
   config, t0 = r.config, time.time()
   step = Step(r.cnn, r.lm, states, config, mode, r.info["max_length"] + 1,
               Reward(r.train_data, r.vocab, config.get("scst_hallucination_penalty", 0.0)),
-              r.mesh_put)
+              r.placement.batch)
   say(f"phase 3: self-critical training, {config.scst_steps} steps ({mode} CNN, "
       f"{config.scst_samples} samples per image, {config.scst_baseline} baseline; the reward's "
       f"references in {time.time() - t0:.1f}s)")
@@ -173,5 +173,5 @@ def phase_parts(r, states, mode: str, features: dict, say=print):
   refs = evaluation.references(r.data_dir, "val") if r.val_data is not None else None
   validator = evaluation.Validator(
       r.cnn, r.lm, "features" if features else "frozen", r.val_data, refs, r.vocab, config,
-      r.info["max_length"], r.eval_put, features.get("val"))
+      r.info["max_length"], r.placement.everywhere, features.get("val"))
   return step, batch_fn, validator

@@ -80,9 +80,8 @@ class Run:
   workdir: str
   ckpt: ckpt_lib.Checkpointer
   stop: ckpt_lib.StopOnSignal
-  placement: parallel.Placement  # the ("data", "model") mesh of all devices
-  mesh_put: Callable  # this process's rows of a training batch -> a global array
-  eval_put: Callable  # a whole evaluation batch (the same on every process) -> a global array
+  placement: parallel.Placement  # the ("data", "model") mesh of all devices: its `batch`
+  # places this process's rows of a training batch, `everywhere` a whole evaluation batch
   data_dir: str
   info: dict  # the data set's dataset_info.json
   vocab: vocab_lib.Vocabulary
@@ -172,7 +171,7 @@ def _train(config, workdir, progress, start_from, ckpt, latest, stop, t_start, p
   data_dir = input_pipeline.data_dir_for(config)
   info = records.load_info(data_dir)
   load = lambda split: input_pipeline.load_config_split(config, data_dir, split)
-  r = Run(config, workdir, ckpt, stop, place, place.batch, place.everywhere, data_dir, info,
+  r = Run(config, workdir, ckpt, stop, place, data_dir, info,
           vocab_lib.Vocabulary.load(data_dir), load("train"),
           load("val") if "val" in info["splits"] else None,
           progress=progress and parallel.is_writer(), saved_step=latest)
@@ -293,7 +292,8 @@ def caption_phases(r: Run, states: optim.TrainStates, state, pretrain: int) -> l
 
   val_refs = evaluation.references(r.data_dir, "val") if r.val_data is not None else None
   validator = lambda m: evaluation.validator_for(
-      r.cnn, r.lm, m, r.val_data, val_refs, r.vocab, config, r.info["max_length"], r.eval_put,
+      r.cnn, r.lm, m, r.val_data, val_refs, r.vocab, config, r.info["max_length"],
+      r.placement.everywhere,
       features.get("val"))
   lr_at = jax.jit(states.lr_schedule)  # compiled once (eager calls compile per halving count)
   lr = lambda s: float(lr_at(np.int32(s)))
@@ -321,7 +321,8 @@ def cached_features(r: Run, state) -> dict:
     t0 = time.time()
     splits = {"train": r.train_data, **({"val": r.val_data} if r.val_data is not None else {})}
     r.features = evaluation.compute_features(r.cnn, state["params"]["cnn"], state["batch_stats"],
-                                             splits, r.config.eval_batch_size, r.eval_put,
+                                             splits, r.config.eval_batch_size,
+                                             r.placement.everywhere,
                                              r.config.crop_size)
     say(f"features: {r.features['train'].shape} computed in {time.time() - t0:.1f}s")
   return r.features
@@ -370,7 +371,7 @@ def run_phase(r: Run, phase: Phase, state):
   r.stop.in_loop = True
   try:
     while r.step < last:
-      batch = {k: r.mesh_put(v) for k, v in phase.batch_fn(next(it)).items()}
+      batch = {k: r.placement.batch(v) for k, v in phase.batch_fn(next(it)).items()}
       t0 = time.time()
       state, metrics = jstep(state, batch, r.rng)
       log.add(r.step, state, metrics, t0)
