@@ -193,8 +193,8 @@ class StepLog:
   With guard="reward" (self-critical training, whose loss is near zero and of
   either sign) the phase's first reward is kept instead, and a mean reward
   below 1/factor of it stops the run; a NaN/Inf loss stops every phase.
-  Metrics "X_sum" other than the loss's are logged as X = sum / count, and
-  "X_total" as X = total / steps.
+  Metrics "X_sum" other than the loss's are logged as X = sum / X_count where
+  the metrics have an "X_count", else sum / count; "X_total" as X = total / steps.
   """
 
   def __init__(self, logger: Logger, phase: str, batch_size: int, learning_rate,
@@ -228,7 +228,8 @@ class StepLog:
       rec["exact_scene_accuracy"] = float(m["exact_sum"] / (self.n * self.batch_size))
     for k, v in m.items():
       if k.endswith("_sum") and k not in ("loss_sum", "exact_sum"):
-        rec[k[:-len("_sum")]] = float(v) / max(float(m["count"]), 1.0)
+        name = k[:-len("_sum")]
+        rec[name] = float(v) / max(float(m.get(name + "_count", m["count"])), 1.0)
       elif k.endswith("_total"):
         rec[k[:-len("_total")]] = round(float(v) / self.n, 3)
     rec["learning_rate"] = self.learning_rate(phase_step)

@@ -39,13 +39,18 @@ class Reward:
   (document frequencies over the N images); `score` then takes token arrays.
   """
 
-  def __init__(self, data, vocab, hallucination_penalty: float = 0.0):
-    """`hallucination_penalty` > 0: the reward loses this much for each shape a
-    caption names that is not in the image (needs the data set's object labels)."""
-    if hallucination_penalty and any(o is None for o in data.objects):
-      raise ValueError("config.scst_hallucination_penalty needs object labels (the shapes "
-                       "data set); this data set has none")
-    self.penalty, self.objects, self.vocab = hallucination_penalty, data.objects, vocab
+  def __init__(self, data, vocab, hallucination_penalty: float = 0.0, exact_bonus: float = 0.0):
+    """Grounding terms (need the data set's object labels): `hallucination_penalty`
+    > 0 takes this much off for each shape a caption names that is not in the
+    image; `exact_bonus` > 0 adds this much when it names exactly the image's
+    objects (shapes.names_exactly)."""
+    for name, value in (("hallucination_penalty", hallucination_penalty),
+                        ("exact_bonus", exact_bonus)):
+      if value and any(o is None for o in data.objects):
+        raise ValueError(f"config.scst_{name} needs object labels (the shapes data set); "
+                         "this data set has none")
+    self.penalty, self.bonus = hallucination_penalty, exact_bonus
+    self.objects, self.vocab = data.objects, vocab
     refs = {}
     for row in range(len(data)):
       caps = [vocab.decode(c) for c in data.captions[row, :int(data.num_captions[row])]]
@@ -55,14 +60,15 @@ class Reward:
 
   def score(self, rows, tokens) -> np.ndarray:
     """float64 [B, K]: CIDEr-D of tokens int [B, K, T] (0 = END) for images `rows` [B],
-    less the hallucination penalty."""
+    less the hallucination penalty, plus the exact-naming bonus."""
     tokens = np.asarray(tokens)
     rewards = self.scorer.score([int(r) for r in rows], tokens)
-    if self.penalty:
+    if self.penalty or self.bonus:
       from captionjax import shapes  # pylint: disable=g-import-not-at-top
       for (b, k), _ in np.ndenumerate(rewards):
-        caption = self.vocab.decode(tokens[b, k])
-        rewards[b, k] -= self.penalty * shapes.hallucinations(caption, self.objects[rows[b]])
+        caption, objects = self.vocab.decode(tokens[b, k]), self.objects[rows[b]]
+        rewards[b, k] += (self.bonus * shapes.names_exactly(caption, objects)
+                          - self.penalty * shapes.hallucinations(caption, objects))
     return rewards
 
 
@@ -112,8 +118,12 @@ class Step:
         config.scst_baseline, reward, mesh_put, mode)
     greedy = self.baseline == "greedy"
     sample = steps.make_scst_sample(cnn, lm, mode, config.scst_samples, max_length, greedy)
+    self.xe_weight = float(config.get("scst_xe_weight", 0.0))
+    if self.xe_weight < 0:
+      raise ValueError(f"config.scst_xe_weight={self.xe_weight}: expected >= 0")
     update = steps.make_scst_step(cnn, lm, states.tx_scst, states.tx_cnn,
-                                  "finetune" if mode == "finetune" else "features")
+                                  "finetune" if mode == "finetune" else "features",
+                                  self.xe_weight)
     sample.__name__, update.__name__ = "scst_sample", "scst_train_step"  # jax.log_compiles
     self.sample = jax.jit(sample)
     self.update = jax.jit(update, donate_argnums=(0,))
@@ -135,6 +145,8 @@ class Step:
          "advantage": self.mesh_put(adv.astype(np.float32))}
     x.update({"image": batch["image"]} if self.mode == "finetune"
              else {"features": out["features"]})
+    if self.xe_weight:
+      x.update(captions=batch["captions"], mask=batch["mask"])
     state, metrics = self.update(state, x, rng)
     sums = parallel.process_sum(np.array([  # over every process's images, the same on each
         rewards.sum(), base.sum(), adv.sum(), caption_lengths(samples).sum()], np.float64))
@@ -163,13 +175,16 @@ def phase_parts(r, states, mode: str, features: dict, say=print):
   from captionjax import evaluation  # pylint: disable=g-import-not-at-top
   config, t0 = r.config, time.time()
   step = Step(r.cnn, r.lm, states, config, mode, r.info["max_length"] + 1,
-              Reward(r.train_data, r.vocab, config.get("scst_hallucination_penalty", 0.0)),
+              Reward(r.train_data, r.vocab, config.get("scst_hallucination_penalty", 0.0),
+                     config.get("scst_exact_bonus", 0.0)),
               r.placement.batch)
   say(f"phase 3: self-critical training, {config.scst_steps} steps ({mode} CNN, "
       f"{config.scst_samples} samples per image, {config.scst_baseline} baseline; the reward's "
       f"references in {time.time() - t0:.1f}s)")
   x = "features" if features else "image"
-  batch_fn = lambda b: {"row": b["row"], x: features["train"][b["row"]] if features else b[x]}
+  refs_kept = ("captions", "mask") if config.get("scst_xe_weight", 0.0) else ()
+  batch_fn = lambda b: {"row": b["row"], x: features["train"][b["row"]] if features else b[x],
+                        **{k: b[k] for k in refs_kept}}
   refs = evaluation.references(r.data_dir, "val") if r.val_data is not None else None
   validator = evaluation.Validator(
       r.cnn, r.lm, "features" if features else "frozen", r.val_data, refs, r.vocab, config,

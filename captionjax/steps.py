@@ -301,31 +301,40 @@ def scst_loss(lm, lm_params, feats, samples, advantage):
   return -jnp.sum(adv * logp), jnp.float32(logp.size)
 
 
-def make_scst_step(cnn, lm, tx_lm, tx_cnn, mode: str):
+def make_scst_step(cnn, lm, tx_lm, tx_cnn, mode: str, xe_weight: float = 0.0):
   """(state, batch, rng) -> (state, metrics): one self-critical update.
 
   batch: "samples" int32 [B, K, T], "advantage" [B, K], and "features" [B, D]
   (modes "features", "frozen": the sampler's features) or "image" (mode
   "finetune": the CNN, in inference mode as when sampling, gets gradients
   and its own optimizer; its BatchNorm statistics stay as they are).
+
+  xe_weight > 0 (the mixed objective): the loss adds xe_weight x the
+  cross-entropy per word of batch "captions" [B, S, L] ("mask" [B, S, L]),
+  the reference captions, with dropout as in the caption phase; the metrics
+  then add "xe_sum" and "xe_count".
   """
 
   def step(state, batch, rng):
-    del rng
     params = state["params"]
     trainable = {k: params[k] for k in LM_KEYS + (("cnn",) if mode == "finetune" else ())}
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state["step"]), 3)
 
     def loss_fn(tp):
       feats = batch["features"] if mode != "finetune" else cnn.apply(
           cnn_variables(tp["cnn"], state["batch_stats"]), images_to_input(batch["image"]),
           train=False)
-      loss_sum, count = scst_loss(lm, {k: tp[k] for k in LM_KEYS}, feats, batch["samples"],
-                                  batch["advantage"])
-      return loss_sum / count, (loss_sum, count)
+      lm_params = {k: tp[k] for k in LM_KEYS}
+      loss_sum, count = scst_loss(lm, lm_params, feats, batch["samples"], batch["advantage"])
+      aux = {"loss_sum": loss_sum, "count": count}
+      loss = loss_sum / count
+      if xe_weight:
+        aux["xe_sum"], aux["xe_count"] = caption_loss(lm, lm_params, feats, batch, True, rng)
+        loss += xe_weight * aux["xe_sum"] / aux["xe_count"]
+      return loss, aux
 
-    grads, (loss_sum, count) = jax.grad(loss_fn, has_aux=True)(trainable)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable)
     new_params, opt = _update(state, params, trainable, grads, tx_lm, tx_cnn, mode)
-    return dict(state, step=state["step"] + 1, params=new_params, opt_state=opt), {
-        "loss_sum": loss_sum, "count": count}
+    return dict(state, step=state["step"] + 1, params=new_params, opt_state=opt), metrics
 
   return step

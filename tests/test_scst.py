@@ -69,29 +69,39 @@ def test_reward_equals_the_cider_d_scorer_per_sample(shapes_dir):
   assert (got[:, 0] > got[:, 1]).mean() > 0.9  # its own reference beats another image's
 
 
-def test_hallucination_penalty_counts_the_absent_shapes(shapes_dir):
-  """The penalized reward = CIDEr-D - penalty x the shapes named that the image
-  lacks (counted independently here), on captions naming 0, 1 and 2 absent shapes."""
+def test_grounding_terms_count_the_absent_shapes_and_exact_captions(shapes_dir):
+  """The grounded reward = CIDEr-D - penalty x the shapes named that the image
+  lacks + bonus when it names exactly the image's objects (both counted
+  independently here), on captions naming 0, 1 and 2 absent shapes and on one
+  naming every object of the image."""
   from captionjax import input_pipeline
   from captionjax import scst
   from captionjax import shapes
   from captionjax import vocab as vocab_lib
   data = input_pipeline.load_split(shapes_dir, "train")
   vocab = vocab_lib.Vocabulary.load(shapes_dir)
-  plain, penalized = scst.Reward(data, vocab), scst.Reward(data, vocab, 0.75)
+  plain = scst.Reward(data, vocab)
+  penalized, rewarded = scst.Reward(data, vocab, 0.75), scst.Reward(data, vocab, 0.0, 0.5)
   rows = np.arange(12)
-  tokens = np.zeros((12, 3, data.max_length + 1), np.int32)
+  tokens = np.zeros((12, 4, data.max_length + 1), np.int32)
+  single = np.array([len(data.objects[r]) == 1 for r in rows])
+  assert 0 < single.sum() < 12  # both kinds of image
   for r in rows:
-    o = data.objects[r][0]
+    objs = data.objects[r]
     absent = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES
-              if s not in {x["shape"] for x in data.objects[r]}][:2]
-    texts = [f"a {o['color']} {o['shape']}", f"a {absent[0][0]} {absent[0][1]}",
-             f"a {absent[0][0]} {absent[0][1]} and a {absent[1][0]} {absent[1][1]}"]
+              if s not in {x["shape"] for x in objs}][:2]
+    texts = [f"a {objs[0]['color']} {objs[0]['shape']}", f"a {absent[0][0]} {absent[0][1]}",
+             f"a {absent[0][0]} {absent[0][1]} and a {absent[1][0]} {absent[1][1]}",
+             " and ".join(f"a {o['color']} {o['shape']}" for o in objs[::-1])]
     for k, text in enumerate(texts):
       ids = [vocab.word_to_ix[w] for w in text.split()]
       tokens[r, k, :len(ids)] = ids
-  got = penalized.score(rows, tokens) - plain.score(rows, tokens)
-  np.testing.assert_allclose(got, np.broadcast_to([0.0, -0.75, -1.5], (12, 3)))
+  base = plain.score(rows, tokens)
+  np.testing.assert_allclose(penalized.score(rows, tokens) - base,
+                             np.broadcast_to([0.0, -0.75, -1.5, 0.0], (12, 4)))
+  want = np.zeros((12, 4))
+  want[:, 0], want[:, 3] = 0.5 * single, 0.5  # the first object alone is exact when alone
+  np.testing.assert_allclose(rewarded.score(rows, tokens) - base, want)
 
 
 def test_advantages_greedy_and_mean_baselines():
@@ -183,27 +193,69 @@ def test_policy_gradient_loss_matches_finite_differences(shapes_dir):
       assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-10)
 
 
+def test_mixed_objective_adds_the_weighted_cross_entropy(shapes_dir):
+  """scst_xe_weight=w: with plain SGD (lr 1), the update moves the LM by the
+  policy-gradient step plus w x the gradient of the references' cross-entropy
+  per word (computed here with jax.grad of caption_loss, no dropout), and the
+  metrics carry that cross-entropy."""
+  import optax
+  from captionjax import input_pipeline
+  from captionjax import steps
+  from captionjax.models import build
+  config, vocab, data, cnn, lm, params, bs, d = _setup(shapes_dir, model__drop_prob_lm=0.0)
+  b = next(input_pipeline.eval_batches(data, 4, 5))
+  feats = cnn.apply(build.cnn_variables(params["cnn"], bs), build.images_to_input(b["image"]))
+  t = data.max_length + 1
+  samples = np.random.default_rng(3).integers(0, len(vocab) + 1, (4, 3, t)).astype(np.int32)
+  batch = {"samples": samples, "advantage": jnp.asarray(np.linspace(-1, 1, 12).reshape(4, 3)),
+           "features": feats, "captions": b["captions"], "mask": b["mask"]}
+  tx = optax.sgd(1.0)
+  lm_params = {k: params[k] for k in build.LM_KEYS}
+  state = {"step": jnp.int32(0), "params": params, "batch_stats": bs,
+           "opt_state": {"lm": tx.init(lm_params)}}
+  with jax.default_matmul_precision("highest"):
+    moved = {}
+    for w in (0.0, 0.5):
+      new, metrics = jax.jit(steps.make_scst_step(cnn, lm, tx, tx, "features", w))(
+          state, batch, jax.random.PRNGKey(0))
+      moved[w] = jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b),
+                                        {k: new["params"][k] for k in build.LM_KEYS}, lm_params)
+
+    def xe(p):
+      loss_sum, count = steps.caption_loss(lm, p, feats, batch, False, None)
+      return loss_sum / count
+
+    grad = jax.grad(xe)(lm_params)
+    assert float(metrics["xe_sum"] / metrics["xe_count"]) == pytest.approx(float(xe(lm_params)),
+                                                                            rel=1e-5)
+  assert "xe_sum" in metrics and float(metrics["count"]) == 12
+  for a, b_, g in zip(*(jax.tree_util.tree_leaves(x) for x in (moved[0.5], moved[0.0], grad))):
+    np.testing.assert_allclose(a, b_ - 0.5 * np.asarray(g), rtol=1e-4, atol=1e-6)
+  assert max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(grad)) > 1e-3
+
+
 # ---------------------------------------------------------------- the step
 
 
 @pytest.mark.parametrize("mode", ["features", "frozen", "finetune"])
 def test_one_step_in_each_cnn_mode(shapes_dir, mode):
-  """Cached features, the frozen CNN and fine-tuning: one step moves the LM,
-  and the CNN only when fine-tuned; the metrics are finite."""
+  """Cached features, the frozen CNN and fine-tuning (with the mixed objective):
+  one step moves the LM, and the CNN only when fine-tuned; the metrics are finite."""
   from captionjax import input_pipeline
   from captionjax import optim
   from captionjax import scst
   from captionjax.models import build
   config, vocab, data, cnn, lm, params, bs, d = _setup(
       shapes_dir, scst_steps=1, scst_learning_rate=1e-3, scst_samples=3, scst_baseline="mean",
-      cached_features=mode == "features", finetune_cnn_after=0 if mode == "finetune" else -1)
+      cached_features=mode == "features", finetune_cnn_after=0 if mode == "finetune" else -1,
+      scst_xe_weight=0.1 if mode == "finetune" else 0.0)
   assert scst.cnn_mode(config) == mode
   states = optim.TrainStates(config, params, bs, d, jax.random.PRNGKey(2))
   state = states.scst(params, bs, 0)
   step = scst.Step(cnn, lm, states, config, mode, data.max_length + 1, scst.Reward(data, vocab),
                    jnp.asarray)
   b = next(input_pipeline.eval_batches(data, 4, 1))
-  batch = {"row": b["row"]}
+  batch = {"row": b["row"], "captions": b["captions"], "mask": b["mask"]}
   if mode == "features":
     batch["features"] = cnn.apply(build.cnn_variables(params["cnn"], bs),
                                   build.images_to_input(b["image"]))
@@ -214,6 +266,9 @@ def test_one_step_in_each_cnn_mode(shapes_dir, mode):
   assert float(metrics["count"]) == 12  # 4 images x 3 samples
   for k in ("loss_sum", "reward_sum", "baseline_sum", "advantage_sum", "sample_length_sum"):
     assert np.isfinite(float(metrics[k])), k
+  assert ("xe_sum" in metrics) == (mode == "finetune")
+  if mode == "finetune":  # 4 images x 1 caption of at least 2 words + END
+    assert float(metrics["xe_count"]) >= 12 and float(metrics["xe_sum"]) > 0
   assert float(metrics["advantage_sum"]) == pytest.approx(0.0, abs=1e-9)  # mean baseline
   moved = lambda k: any(not np.array_equal(a, np.asarray(b)) for a, b in zip(
       jax.tree_util.tree_leaves(before[k]), jax.tree_util.tree_leaves(new["params"][k])))

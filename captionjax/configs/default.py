@@ -116,6 +116,11 @@ def add_scst_fields(c: ml_collections.ConfigDict) -> None:
   # Subtracted from a sample's reward for each shape it names that the image lacks
   # (the shapes data set's object labels; 0 = plain CIDEr-D).
   c.scst_hallucination_penalty = 0.0
+  # Added to a sample's reward when it names exactly the image's objects (shapes data set).
+  c.scst_exact_bonus = 0.0
+  # Mixed objective: + this weight x the cross-entropy per word of the batch's reference
+  # captions (teacher forcing, as in the caption phase); 0 = the policy gradient alone.
+  c.scst_xe_weight = 0.0
 
 
 def add_decoding_fields(c: ml_collections.ConfigDict) -> None:
