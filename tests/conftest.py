@@ -102,6 +102,7 @@ TINY_OVERRIDES = {
     "eval_batch_size": 10,
     "log_every_steps": 5,
     "checkpoint_every_steps": 10,
+    "scst_steps": 0,  # test_scst runs the self-critical phase
 }
 
 

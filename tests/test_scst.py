@@ -123,6 +123,22 @@ def test_advantages_greedy_and_mean_baselines():
     scst.advantages(rewards, "max")
 
 
+@pytest.mark.parametrize("config,override,field", [
+    ("default", "scst_xe_weight=-0.5", "scst_xe_weight"),
+    ("default", "scst_exact_bonus=nan", "scst_exact_bonus"),
+    ("default", "scst_baseline=max", "scst_baseline"),
+    ("default", "scst_samples=0", "scst_samples"),
+    ("ranking", "scst_steps=10", "needs a captioner")])
+def test_scst_config_fields_are_checked(config, override, field):
+  from captionjax import configs
+  with pytest.raises(configs.ConfigError, match=field):
+    configs.load_config(config, [override])
+  c = configs.load_config("default")  # the default recipe ends with SCST
+  assert c.scst_steps > 0 and c.scst_baseline == "mean"
+  assert configs.load_config("ranking").scst_steps == 0
+  assert configs.load_config("neuraltalk2").scst_steps == 0
+
+
 # ---------------------------------------------------------------- the policy gradient
 
 

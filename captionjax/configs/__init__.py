@@ -74,12 +74,14 @@ _MINIMUM = {
     "model.rnn_size": 1, "model.input_encoding_size": 1, "model.num_layers": 1,
     "shapes.image_size": 16, "shapes.num_train": 1, "shapes.num_val": 0,
     "shapes.num_test": 0, "shapes.num_novel": 0, "min_length": 0, "num_groups": 1, "top_k": 0,
+    "scst_steps": 0, "scst_samples": 1,
 }
 _UNIT_INTERVAL = ("model.drop_prob_lm",)  # in [0, 1)
-_CHOICES = {"dtype": ("float32", "bfloat16")}  # one of these
+_CHOICES = {"dtype": ("float32", "bfloat16"), "scst_baseline": ("greedy", "mean")}  # one of these
 _FINITE_NONNEGATIVE = ("learning_rate", "cnn_learning_rate", "cnn_pretrain_learning_rate",
                        "grad_clip", "length_penalty", "cnn_weight_decay", "epsilon",
-                       "temperature", "diversity_lambda", "top_p")
+                       "temperature", "diversity_lambda", "top_p", "scst_learning_rate",
+                       "scst_hallucination_penalty", "scst_exact_bonus", "scst_xe_weight")
 
 
 def _get(config, key):
@@ -109,6 +111,9 @@ def validate(config) -> None:
     v = _get(config, key)
     if v is not None and v not in allowed:
       raise ConfigError(f"config.{key}={v!r}: must be one of {', '.join(allowed)}")
+  if _get(config, "model.kind") == "ranking" and _get(config, "scst_steps"):
+    raise ConfigError(f"config.scst_steps={config.scst_steps}: self-critical training needs a "
+                      "captioner, not model.kind='ranking'")
   _validate_decoding(config)
 
 

@@ -26,4 +26,5 @@ def get_config():
   c.learning_rate_decay_every = 750  # the rate halves every N steps after that
   c.learning_rate_schedule = "neuraltalk2"  # 0.5 ** ((step - start) / every), CNN too
   c.eval_every_steps = 1000  # validation every N steps
+  c.scst_steps = 0  # NeuralTalk2 had no self-critical training
   return c

@@ -36,4 +36,5 @@ def get_config():
   c.eval_num_images = 500  # validation images (and their sentences) ranked
   c.rank_num_images = 1000  # test images (and their sentences) ranked at the end
   c.extra_test_splits = ()  # the final test ranks config.test_split
+  c.scst_steps = 0  # self-critical training is the captioner's
   return c

@@ -5,7 +5,8 @@
 On a trained workdir's model and its training split (cached CNN features, as
 the default recipe): the jitted sampler (K samples per image + the greedy
 caption), the host's CIDEr-D reward on token ids (+ advantages), the jitted
-policy-gradient update, and, as the baseline measured in the same run, the
+policy-gradient update (with the mixed objective's cross-entropy term when
+`--xe_weight` > 0), and, as the baseline measured in the same run, the
 cross-entropy caption step on the same batch size. Each part is compiled and
 warmed up first; the figures are medians over `--repeats` steps.
 """
@@ -29,14 +30,19 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, help="a finished `captionjax train` workdir")
   p.add_argument("--samples", type=int, default=5, help="K, captions sampled per image")
-  p.add_argument("--baseline", default="greedy", choices=scst.BASELINES)
+  p.add_argument("--baseline", default=None, choices=scst.BASELINES,
+                 help="default: the run's config.scst_baseline")
+  p.add_argument("--xe_weight", type=float, default=None,
+                 help="the mixed objective's cross-entropy weight (default: the run's config)")
   p.add_argument("--batch_size", type=int, default=0, help="images per step (0: the config's)")
   p.add_argument("--repeats", type=int, default=20)
   args = p.parse_args()
   model = inference.load_workdir(args.workdir)
   config = model.config  # the run's, with this benchmark's SCST settings
+  args.baseline = args.baseline or config.get("scst_baseline", "greedy")
+  args.xe_weight = config.get("scst_xe_weight", 0.0) if args.xe_weight is None else args.xe_weight
   config.update({"scst_samples": args.samples, "scst_baseline": args.baseline, "scst_steps": 1,
-                 "scst_learning_rate": 5e-5,
+                 "scst_xe_weight": args.xe_weight,
                  "batch_size": args.batch_size or config.batch_size})
   data_dir = input_pipeline.data_dir_for(config)
   info, vocab = records.load_info(data_dir), model.vocab
@@ -66,6 +72,8 @@ def main():
   for i in range(args.repeats + 2):  # 2 warm-up steps (compilation)
     b = next(it)
     batch = {"row": b["row"], "features": jnp.asarray(feats[b["row"]])}
+    refs = {"captions": b["captions"], "mask": b["mask"]} if args.xe_weight else {}
+    batch.update(refs)
     t0 = time.perf_counter()
     out = jax.block_until_ready(step.sample(s_state, batch, rng))
     t1 = time.perf_counter()
@@ -78,7 +86,7 @@ def main():
     t2 = time.perf_counter()
     s_state, m = step.update(s_state, {"samples": jnp.asarray(samples),
                                        "advantage": jnp.asarray(adv, jnp.float32),
-                                       "features": out["features"]}, rng)
+                                       "features": out["features"], **refs}, rng)
     jax.block_until_ready(m)
     t3 = time.perf_counter()
     s_state, m = step(s_state, batch, rng)  # the whole step, as training runs it
@@ -94,7 +102,7 @@ def main():
   med = {k: float(np.median(v)) for k, v in times.items()}
   b = config.batch_size
   out = {"workdir": args.workdir, "batch_size": b, "samples": args.samples,
-         "baseline": args.baseline, "repeats": args.repeats,
+         "baseline": args.baseline, "xe_weight": args.xe_weight, "repeats": args.repeats,
          "reward_build_s": round(build_s, 2),
          **{f"{k}_ms": round(1e3 * v, 2) for k, v in med.items()},
          "reward_share_of_step": round(med["reward"] / med["scst_step"], 3),

@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.scst_samples = 5  # captions sampled per image
   c.scst_baseline = "mean"  # "greedy" for Rennie et al.'s greedy-decoding baseline
   c.scst_finetune_cnn = False  # the CNN stays as the caption phase left it
+  c.scst_xe_weight = 0.0  # the policy gradient alone
 
   # ---- evaluation, logging, checkpoints
   c.beam_size = 2  # NeuralTalk2's eval.lua default
