@@ -210,10 +210,10 @@ def test_policy_gradient_loss_matches_finite_differences(shapes_dir):
 
 
 def test_mixed_objective_adds_the_weighted_cross_entropy(shapes_dir):
-  """scst_xe_weight=w: with plain SGD (lr 1), the update moves the LM by the
-  policy-gradient step plus w x the gradient of the references' cross-entropy
-  per word (computed here with jax.grad of caption_loss, no dropout), and the
-  metrics carry that cross-entropy."""
+  """scst_xe_weight=w: with plain SGD (lr 1), the update moves the LM by minus
+  the gradient of the policy-gradient loss plus w x the references'
+  cross-entropy per word, both computed here from scst_loss and caption_loss
+  (no dropout), and the metrics carry that cross-entropy."""
   import optax
   from captionjax import input_pipeline
   from captionjax import steps
@@ -229,25 +229,25 @@ def test_mixed_objective_adds_the_weighted_cross_entropy(shapes_dir):
   lm_params = {k: params[k] for k in build.LM_KEYS}
   state = {"step": jnp.int32(0), "params": params, "batch_stats": bs,
            "opt_state": {"lm": tx.init(lm_params)}}
+
+  def parts(p):  # (policy-gradient loss, cross-entropy per word)
+    pg_sum, count = steps.scst_loss(lm, p, feats, samples, batch["advantage"])
+    xe_sum, xe_count = steps.caption_loss(lm, p, feats, batch, False, None)
+    return pg_sum / count, xe_sum / xe_count
+
   with jax.default_matmul_precision("highest"):
-    moved = {}
-    for w in (0.0, 0.5):
-      new, metrics = jax.jit(steps.make_scst_step(cnn, lm, tx, tx, "features", w))(
-          state, batch, jax.random.PRNGKey(0))
-      moved[w] = jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b),
-                                        {k: new["params"][k] for k in build.LM_KEYS}, lm_params)
-
-    def xe(p):
-      loss_sum, count = steps.caption_loss(lm, p, feats, batch, False, None)
-      return loss_sum / count
-
-    grad = jax.grad(xe)(lm_params)
-    assert float(metrics["xe_sum"] / metrics["xe_count"]) == pytest.approx(float(xe(lm_params)),
-                                                                            rel=1e-5)
-  assert "xe_sum" in metrics and float(metrics["count"]) == 12
-  for a, b_, g in zip(*(jax.tree_util.tree_leaves(x) for x in (moved[0.5], moved[0.0], grad))):
-    np.testing.assert_allclose(a, b_ - 0.5 * np.asarray(g), rtol=1e-4, atol=1e-6)
-  assert max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(grad)) > 1e-3
+    new, metrics = jax.jit(steps.make_scst_step(cnn, lm, tx, tx, "features", 0.5))(
+        state, batch, jax.random.PRNGKey(0))
+    (pg, xe), grads, g_xe = jax.jit(lambda p: (
+        parts(p), jax.grad(lambda q: parts(q)[0] + 0.5 * parts(q)[1])(p),
+        jax.grad(lambda q: parts(q)[1])(p)))(lm_params)
+  assert float(metrics["xe_sum"] / metrics["xe_count"]) == pytest.approx(float(xe), rel=1e-5)
+  assert float(metrics["loss_sum"] / metrics["count"]) == pytest.approx(float(pg), rel=1e-5)
+  moved = jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b),
+                                 {k: new["params"][k] for k in build.LM_KEYS}, lm_params)
+  for m, g in zip(jax.tree_util.tree_leaves(moved), jax.tree_util.tree_leaves(grads)):
+    np.testing.assert_allclose(m, -np.asarray(g), rtol=1e-4, atol=1e-6)
+  assert max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(g_xe)) > 1e-3
 
 
 # ---------------------------------------------------------------- the step
