@@ -118,9 +118,7 @@ class Step:
         config.scst_baseline, reward, mesh_put, mode)
     greedy = self.baseline == "greedy"
     sample = steps.make_scst_sample(cnn, lm, mode, config.scst_samples, max_length, greedy)
-    self.xe_weight = float(config.get("scst_xe_weight", 0.0))
-    if self.xe_weight < 0:
-      raise ValueError(f"config.scst_xe_weight={self.xe_weight}: expected >= 0")
+    self.xe_weight = float(config.get("scst_xe_weight", 0.0))  # >= 0: configs.validate
     update = steps.make_scst_step(cnn, lm, states.tx_scst, states.tx_cnn,
                                   "finetune" if mode == "finetune" else "features",
                                   self.xe_weight)
